@@ -1,0 +1,151 @@
+"""Formula list -> standard IM2LATEX-100K layout (normalize, dedupe, split, render, filter).
+
+Every step reports how many formulas it kept, because the first question about any training
+corpus is "how much of it survived, and why not the rest".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from data.layout import IMAGES_DIR, SPLITS, write_layout
+from data.normalize import NormalizeError, normalize
+from data.render import RenderOptions, render_to_dir
+
+
+@dataclass(frozen=True)
+class Filters:
+    """The original dataset's filters, applied to train and validate only (test is kept whole so
+    that scores are comparable with published ones)."""
+
+    max_tokens: int = 150
+    max_width: int = 500
+    max_height: int = 160
+
+
+@dataclass
+class BuildReport:
+    steps: list[tuple[str, int]] = field(default_factory=list)
+    dropped: Counter = field(default_factory=Counter)
+    splits: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, str] = field(default_factory=dict)  # one example line per drop reason
+
+    def step(self, what: str, n: int) -> None:
+        self.steps.append((what, n))
+
+    def drop(self, reason: str, example: str) -> None:
+        self.dropped[reason] += 1
+        self.examples.setdefault(reason, example[:120])
+
+    def lines(self) -> list[str]:
+        out = [f"{what:<32} {n:>8}" for what, n in self.steps]
+        out += [f"  dropped: {r:<23} {n:>8}   e.g. {self.examples[r]!r}"
+                for r, n in self.dropped.most_common()]
+        out += [f"{s:<32} {n:>8}" for s, n in self.splits.items()]
+        return out
+
+
+def image_name(formula: str) -> str:
+    """A content-addressed file name, so reruns (resume) and rebuilds find the same image."""
+    return hashlib.sha1(formula.encode("utf-8")).hexdigest()[:16] + ".png"
+
+
+def normalize_all(lines: Iterable[str], report: BuildReport) -> list[str]:
+    """Normalized, non-empty, first-occurrence-only formulas, in input order."""
+    seen: set[str] = set()
+    out = []
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            f = normalize(line)
+        except NormalizeError as e:
+            report.drop(f"normalize: {str(e)[:40]}", line)
+            continue
+        if not f:
+            report.drop("empty after normalizing", line)
+        elif f in seen:
+            report.drop("duplicate", line)
+        else:
+            seen.add(f)
+            out.append(f)
+    return out
+
+
+def assign_splits(n: int, ratios: Sequence[float], seed: int) -> list[str]:
+    """A split name per formula: a seeded shuffle cut at the given ratios."""
+    if len(ratios) != 3 or any(r < 0 for r in ratios) or sum(ratios) <= 0:
+        raise ValueError("split ratios must be three non-negative numbers (train validate test)")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    total = sum(ratios)
+    cut1 = round(n * ratios[0] / total)
+    cut2 = cut1 + round(n * ratios[1] / total)
+    split = [""] * n
+    for rank, i in enumerate(order):
+        split[i] = SPLITS[0] if rank < cut1 else SPLITS[1] if rank < cut2 else SPLITS[2]
+    return split
+
+
+def build_dataset(lines: Iterable[str], data_dir: str | Path, *, ratios: Sequence[float],
+                  seed: int = 0, exclude: Iterable[str] = (), filters: Filters = Filters(),
+                  render_opts: RenderOptions = RenderOptions(),
+                  progress: bool = True) -> BuildReport:
+    report = BuildReport()
+    lines = list(lines)
+    report.step("input lines", len(lines))
+    formulas = normalize_all(lines, report)
+    report.step("normalized, distinct", len(formulas))
+
+    excluded = {f for f in normalize_all(exclude, BuildReport())}
+    if excluded:
+        kept = []
+        for f in formulas:
+            if f in excluded:
+                report.drop("in --exclude list", f)
+            else:
+                kept.append(f)
+        formulas = kept
+        report.step("after --exclude", len(formulas))
+
+    splits = assign_splits(len(formulas), ratios, seed)
+    wanted = []
+    for f, s in zip(formulas, splits):
+        if s != "test" and len(f.split()) > filters.max_tokens:
+            report.drop(f"over {filters.max_tokens} tokens", f)
+        else:
+            wanted.append(f)
+    report.step("to render", len(wanted))
+
+    data_dir = Path(data_dir)
+    img_dir = data_dir / IMAGES_DIR
+    names = [image_name(f) for f in wanted]
+    opts = RenderOptions(**{**render_opts.__dict__, "bucket": True})
+    render_to_dir(wanted, names, img_dir, opts, progress=progress)
+
+    split_of = dict(zip(formulas, splits))
+    rows: dict[str, list[tuple[str, int]]] = {s: [] for s in SPLITS}
+    for idx, (f, name) in enumerate(zip(wanted, names)):
+        path = img_dir / name
+        if not path.is_file():
+            report.drop("failed to render", f)
+            continue
+        split = split_of[f]
+        if split != "test":
+            with Image.open(path) as im:
+                w, h = im.size
+            if w > filters.max_width or h > filters.max_height:
+                report.drop(f"image over {filters.max_width}x{filters.max_height}", f)
+                continue
+        rows[split].append((name, idx))
+    report.step("rendered and kept", sum(map(len, rows.values())))
+    write_layout(data_dir, wanted, rows)
+    report.splits = {f"  {s}": len(r) for s, r in rows.items()}
+    return report

@@ -1,0 +1,121 @@
+"""Bucketed dataset and batch sampler over memory-mapped shards.
+
+Every batch comes from one size bucket, so images are never padded to the batch maximum and
+the encoder sees no blank margins it would have to learn to ignore. The batch order is a pure
+function of (seed, epoch), which is what lets a resumed run see exactly the batches an
+uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from data.shards import Bucket, load_split
+from data.vocab import Vocab
+
+
+class FormulaDataset(Dataset):
+    """(image, token ids) pairs of one split. Index `i` addresses the concatenated buckets.
+
+    Formulas longer than `max_len` tokens are left out (and counted in `skipped_long`), since the
+    decoder is trained and evaluated with that cap; nothing else is dropped."""
+
+    def __init__(self, shard_dir: str | Path, vocab: Vocab, max_len: int | None = None):
+        self.buckets: list[Bucket] = load_split(shard_dir)
+        self.vocab = vocab
+        self.items: list[tuple[int, int]] = []  # (bucket, row)
+        self.bucket_items: list[list[int]] = []  # global indices per bucket
+        self.skipped_long = 0
+        for b, bucket in enumerate(self.buckets):
+            ids = []
+            for r, f in enumerate(bucket.formulas):
+                if max_len is not None and len(f.split()) > max_len:
+                    self.skipped_long += 1
+                    continue
+                ids.append(len(self.items))
+                self.items.append((b, r))
+            self.bucket_items.append(ids)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, list[int]]:
+        b, r = self.items[i]
+        bucket = self.buckets[b]
+        return np.asarray(bucket.images[r]), self.vocab.encode(bucket.formulas[r])
+
+    def formula(self, i: int) -> str:
+        b, r = self.items[i]
+        return self.buckets[b].formulas[r]
+
+    def name(self, i: int) -> str:
+        b, r = self.items[i]
+        return self.buckets[b].names[r]
+
+
+class BucketBatchSampler(Sampler[list[int]]):
+    """Batches of indices from one bucket at a time, shuffled per epoch, none dropped.
+
+    With `num_replicas > 1` each rank takes every `num_replicas`-th batch of the same global
+    order; the list is first padded by repeating batches from its start, so that all ranks run
+    the same number of steps (a rank that stops early would hang the others' all-reduce)."""
+
+    def __init__(self, bucket_items: Sequence[Sequence[int]], batch_size: int,
+                 shuffle: bool = True, seed: int = 0, num_replicas: int = 1, rank: int = 0):
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self.bucket_items = [list(b) for b in bucket_items if len(b)]
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.num_replicas, self.rank = num_replicas, rank
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        """This rank's batches for `epoch`, deterministic in (seed, epoch)."""
+        rng = random.Random(self.seed * 1_000_003 + epoch)
+        out = []
+        for items in self.bucket_items:
+            items = list(items)
+            if self.shuffle:
+                rng.shuffle(items)
+            out += [items[i:i + self.batch_size] for i in range(0, len(items), self.batch_size)]
+        if self.shuffle:
+            rng.shuffle(out)
+        if self.num_replicas > 1 and out:
+            while len(out) % self.num_replicas:
+                out.append(out[len(out) % self.num_replicas])
+            out = out[self.rank::self.num_replicas]
+        return out
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches(self.epoch))
+
+    def __len__(self) -> int:
+        return len(self.batches(self.epoch))
+
+
+def collate(batch: Sequence[tuple[np.ndarray, list[int]]], bos: int = Vocab.bos_id,
+            eos: int = Vocab.eos_id, pad: int = Vocab.pad_id) -> dict[str, torch.Tensor]:
+    """Stack one bucket's images (uint8, B x 1 x H x W) and build decoder input/target.
+
+    tgt_in = `<s> y1 .. yn`, tgt_out = `y1 .. yn </s>`, both padded with `<pad>` to the
+    longest formula in the batch."""
+    imgs = torch.from_numpy(np.stack([img for img, _ in batch]))[:, None]  # B x 1 x H x W
+    T = max(len(ids) for _, ids in batch) + 1
+    tgt_in = torch.full((len(batch), T), pad, dtype=torch.long)
+    tgt_out = torch.full((len(batch), T), pad, dtype=torch.long)
+    for i, (_, ids) in enumerate(batch):
+        seq = torch.tensor(ids, dtype=torch.long)
+        tgt_in[i, 0] = bos
+        tgt_in[i, 1:len(ids) + 1] = seq
+        tgt_out[i, :len(ids)] = seq
+        tgt_out[i, len(ids)] = eos
+    return {"imgs": imgs, "tgt_in": tgt_in, "tgt_out": tgt_out}

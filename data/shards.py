@@ -1,0 +1,116 @@
+"""Compact training shards: one uint8 `.npy` per image size, memory-mapped when read.
+
+luopeixiang/im2latex pickled float32 3-channel tensors (~12 GB for the 77K training images).
+A grayscale byte per pixel is all the renders hold, and memory-mapping keeps a loaded split at
+the size of the pages actually touched, so a DataLoader's workers share one copy via the page
+cache instead of each unpickling the whole set.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from data.image import ImageError, pad_to_bucket, read_gray_png
+from data.layout import Entry
+
+INDEX = "index.json"
+FORMAT_VERSION = 1
+
+
+class ShardError(ValueError):
+    """Shards that are missing or inconsistent; the message says which file and what to run."""
+
+
+@dataclass
+class ShardReport:
+    written: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+def write_split(entries: Sequence[Entry], out_dir: str | Path, split: str,
+                progress: bool = True) -> ShardReport:
+    """Group a split's images by size (after bucket padding) and write one array per size.
+
+    Two passes: the first decodes every image once to learn its padded size and drop unreadable
+    ones (keeping only sizes in memory); the second fills each size's memory-mapped array, so
+    peak memory is one image, not the split."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = ShardReport()
+    by_size: dict[tuple[int, int], list[Entry]] = defaultdict(list)
+    for e in tqdm(entries, desc=f"{split}: scan", disable=not progress, unit="img"):
+        try:
+            img = pad_to_bucket(read_gray_png(e.image))
+        except ImageError as err:
+            report.problems.append(f"{e.source}: {err}")
+            continue
+        by_size[img.shape].append(e)
+
+    buckets = []
+    bar = tqdm(total=sum(map(len, by_size.values())), desc=f"{split}: write",
+               disable=not progress, unit="img")
+    for (h, w), group in sorted(by_size.items()):
+        fname = f"{h}x{w}.npy"
+        tmp = out_dir / (fname + ".tmp")
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(group), h, w))
+        for i, e in enumerate(group):
+            arr[i] = pad_to_bucket(read_gray_png(e.image))
+            bar.update()
+        arr.flush()
+        del arr
+        tmp.replace(out_dir / fname)
+        buckets.append({"file": fname, "height": h, "width": w,
+                        "names": [e.image.name for e in group],
+                        "formulas": [e.formula for e in group]})
+        report.written += len(group)
+    bar.close()
+    index = {"version": FORMAT_VERSION, "split": split, "buckets": buckets}
+    tmp = out_dir / (INDEX + ".tmp")
+    tmp.write_text(json.dumps(index, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(out_dir / INDEX)
+    return report
+
+
+@dataclass
+class Bucket:
+    height: int
+    width: int
+    images: np.ndarray  # N x H x W uint8, memory-mapped
+    names: list[str]
+    formulas: list[str]
+
+
+def load_split(shard_dir: str | Path) -> list[Bucket]:
+    """Open a split's shards lazily. Nothing is read into memory beyond the index."""
+    shard_dir = Path(shard_dir)
+    index_path = shard_dir / INDEX
+    if not index_path.is_file():
+        raise ShardError(f"{index_path} not found: run `python preprocess.py --data_path DIR` "
+                         "to build the shards")
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        if index.get("version") != FORMAT_VERSION:
+            raise ShardError(f"{index_path}: unsupported shard version {index.get('version')!r}")
+        buckets = []
+        for b in index["buckets"]:
+            arr = np.load(shard_dir / b["file"], mmap_mode="r", allow_pickle=False)
+            n = len(b["formulas"])
+            if arr.dtype != np.uint8 or arr.shape != (n, b["height"], b["width"]) \
+                    or len(b["names"]) != n:
+                raise ShardError(f"{shard_dir / b['file']}: shape {arr.shape} does not match "
+                                 f"{INDEX}; rebuild with preprocess.py")
+            buckets.append(Bucket(b["height"], b["width"], arr, list(b["names"]),
+                                  list(b["formulas"])))
+    except (json.JSONDecodeError, KeyError, TypeError, OSError, ValueError) as e:
+        if isinstance(e, ShardError):
+            raise
+        raise ShardError(f"{shard_dir}: unreadable shards ({e}); rebuild with preprocess.py") \
+            from None
+    return buckets

@@ -1,0 +1,137 @@
+"""Decode a labelled split and score it: BLEU-4, edit distance, exact match (and, with
+--render, Deng et al.'s rendered-image exact match and image edit distance).
+
+    python evaluate.py --split test --data_path DIR --model_path M
+    python evaluate.py --images ../shared/data/im2latex100k/val_images \\
+        --matching ../shared/data/im2latex100k/val.matching.txt \\
+        --formulas ../shared/data/im2latex100k/val.formulas.norm.txt
+
+The reference and result files are aligned line by line, one line per image, in the order of
+the split file: line i of --result_path is the prediction for line i of --ref_path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data.image import ImageError, pad_to_bucket, read_gray_png
+from data.layout import FORMULAS_FILE, read_lines, read_matching, read_split
+from data.metrics import image_scores, text_scores
+from data.vocab import VocabError
+from model.checkpoint import CheckpointError, load_model
+from model.predict import predict
+
+DEFAULT_MODEL = Path(__file__).resolve().parent / "checkpoints" / "im2latex.pt"
+
+
+def get_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model_path", default=str(DEFAULT_MODEL), help="checkpoint (.pt) or run dir")
+    p.add_argument("--data_path", help="dataset folder in the IM2LATEX-100K layout")
+    p.add_argument("--split", default="test", choices=["train", "validate", "test"])
+    p.add_argument("--images", help="a plain folder of images (instead of --data_path)")
+    p.add_argument("--matching", help="with --images: lines 'IMAGE FORMULA_INDEX'")
+    p.add_argument("--formulas", help="with --images: the formula file the indices point into")
+    p.add_argument("--beam_size", type=int, default=5, help="1: greedy decoding")
+    p.add_argument("--max_len", type=int, default=250, help="longest prediction, in tokens")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--limit", type=int, default=0, help="score only the first N images")
+    p.add_argument("--ref_path", default="results/ref.txt")
+    p.add_argument("--result_path", default="results/result.txt")
+    p.add_argument("--metrics_path", help="also write the scores as JSON here")
+    p.add_argument("--render", action="store_true",
+                   help="also score rendered images (Deng et al.'s image metrics)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
+    p.add_argument("--quiet", action="store_true")
+    return p.parse_args(argv)
+
+
+def labelled_entries(args: argparse.Namespace):
+    if args.images:
+        if not (args.matching and args.formulas):
+            raise SystemExit("error: --images needs --matching and --formulas")
+        for f in (args.images, args.matching, args.formulas):
+            if not Path(f).exists():
+                raise SystemExit(f"error: {f} not found")
+        return read_matching(args.matching, args.images, read_lines(args.formulas))
+    if not args.data_path:
+        raise SystemExit("error: give --data_path DIR (with --split) or --images/--matching/"
+                         "--formulas")
+    if not (Path(args.data_path) / FORMULAS_FILE).is_file():
+        raise SystemExit(f"error: {Path(args.data_path) / FORMULAS_FILE} not found: "
+                         "not a dataset folder")
+    return read_split(args.data_path, args.split)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    entries, problems = labelled_entries(args)
+    if args.limit:
+        entries = entries[:args.limit]
+    images, refs = [], []
+    for e in entries:
+        try:
+            images.append(pad_to_bucket(read_gray_png(e.image)))
+            refs.append(e.formula)
+        except ImageError as err:
+            problems.append(f"{e.source}: {err}")
+    for msg in problems[:20]:
+        print(f"warning: {msg}", file=sys.stderr)
+    if problems:
+        print(f"warning: {len(problems)} lines skipped", file=sys.stderr)
+    if not images:
+        print("error: no images to evaluate", file=sys.stderr)
+        return 1
+
+    model, vocab = load_model(args.model_path, device=args.device)
+    unknown = sum(bool(vocab.unknown(r)) for r in refs)
+    if unknown:
+        print(f"note: {unknown} of {len(refs)} references hold tokens outside the model's "
+              "vocabulary; those cannot be matched exactly", file=sys.stderr)
+    bar = tqdm(total=len(images), desc="decoding", unit="img", disable=args.quiet)
+    preds = predict(model, vocab, images, beam_size=args.beam_size, max_len=args.max_len,
+                    batch_size=args.batch_size, device=args.device, on_batch=bar.update)
+    bar.close()
+    hyps = [p.latex for p in preds]
+
+    for path, lines in ((args.ref_path, refs), (args.result_path, hyps)):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+    scores = text_scores(refs, hyps)
+    print(f"images: {len(refs)}")
+    print(f"BLEU-4: {scores['bleu4']:.2f}")
+    print(f"Edit distance: {scores['edit_distance']:.2f}")
+    print(f"Exact match: {scores['exact_match']:.2f}")
+    if args.render:
+        from data.render import render_formulas
+
+        ref_imgs = render_formulas(refs, progress=not args.quiet)
+        hyp_imgs = render_formulas(hyps, progress=not args.quiet)
+        scores.update(image_scores(ref_imgs, hyp_imgs))
+        print(f"Image exact match: {scores['image_exact_match']:.2f}")
+        print(f"Image edit distance: {scores['image_edit_distance']:.2f}")
+    if args.metrics_path:
+        scores.update(images=len(refs), beam_size=args.beam_size,
+                      model_path=str(args.model_path), mean_score=float(np.mean(
+                          [p.score for p in preds])))
+        Path(args.metrics_path).write_text(json.dumps(scores, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (VocabError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,128 @@
+"""Read formula images and print their LaTeX.
+
+    python inference.py formula.png                    # the shipped model
+    python inference.py --model_path runs/x/best.pt scans/ list.txt --json out.json
+
+PATHs are images (PNG, JPEG, BMP, GIF, TIFF, WebP), folders of images, or list files (.txt/.lst,
+one image path per line, relative to the list). Every image is normalized the way the training
+renders look (grayscale, dark ink on white, cropped, padded, scaled to the training font size),
+so screenshots, scans and inverted images work. An unreadable file is reported and skipped;
+the others are still decoded (the exit status is then 2).
+
+Output: one image gives its LaTeX alone; several give `NAME<TAB>LATEX` lines, in input order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from data.image import ImageError, load_image, normalize_user_image, pad_to_bucket
+from data.normalize import NormalizeError, normalize
+from data.vocab import VocabError
+from model.checkpoint import CheckpointError, load_model
+from model.predict import predict
+
+DEFAULT_MODEL = Path(__file__).resolve().parent / "checkpoints" / "im2latex.pt"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+LIST_SUFFIXES = {".txt", ".lst"}
+
+
+def get_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("paths", nargs="+", metavar="PATH", help="images, folders or list files")
+    p.add_argument("--model_path", default=str(DEFAULT_MODEL), help="checkpoint (.pt) or run dir")
+    p.add_argument("--beam_size", type=int, default=5, help="1: greedy decoding")
+    p.add_argument("--max_len", type=int, default=150)
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--json", metavar="OUT", help='write {"results": [...]} to this file')
+    p.add_argument("--answer", metavar="LATEX",
+                   help="expected formula: adds \"match\" to each result")
+    p.add_argument("--no_normalize", action="store_true",
+                   help="feed images as they are (already in the training format)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p.parse_args(argv)
+
+
+def expand(paths: list[str]) -> tuple[list[Path], list[str]]:
+    """Image files named by the arguments, in order, plus problems (missing paths, empty
+    folders) as messages."""
+    files: list[Path] = []
+    problems: list[str] = []
+    for arg in paths:
+        p = Path(arg)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES
+                           and f.is_file())
+            if not found:
+                problems.append(f"{p}: no images in this folder")
+            files += found
+        elif p.is_file() and p.suffix.lower() in LIST_SUFFIXES:
+            lines = [ln.strip() for ln in p.read_text(encoding="utf-8", errors="replace")
+                     .split("\n") if ln.strip()]
+            if not lines:
+                problems.append(f"{p}: empty list file")
+            files += [(p.parent / ln) if not Path(ln).is_absolute() else Path(ln) for ln in lines]
+        elif p.is_file():
+            files.append(p)
+        else:
+            problems.append(f"{p}: no such file or folder")
+    return files, problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args(argv)
+    files, problems = expand(args.paths)
+    answer = None
+    if args.answer is not None:
+        try:
+            answer = normalize(args.answer)
+        except NormalizeError as e:
+            print(f"error: --answer: {e}", file=sys.stderr)
+            return 1
+    names, images, failed = [], [], []
+    for f in files:
+        try:
+            img = load_image(f)
+            img = img if args.no_normalize else normalize_user_image(img)
+            images.append(pad_to_bucket(img))
+            names.append(str(f))
+        except (ImageError, OSError) as e:
+            problems.append(str(e) if str(f) in str(e) else f"{f}: {e}")
+            failed.append(str(f))
+    for msg in problems:
+        print(f"error: {msg}", file=sys.stderr)
+    if not images:
+        print("error: no readable images", file=sys.stderr)
+        return 1
+
+    model, vocab = load_model(args.model_path, device=args.device)
+    preds = predict(model, vocab, images, beam_size=args.beam_size, max_len=args.max_len,
+                    batch_size=args.batch_size, device=args.device)
+    results = []
+    for name, pred in zip(names, preds):
+        r = {"name": name, "predict": pred.latex, "score": round(pred.score, 4)}
+        if answer is not None:
+            r["match"] = pred.latex.split() == answer.split()
+        results.append(r)
+    if args.json:
+        doc = {"results": results, "errors": [{"name": n} for n in failed]}
+        Path(args.json).write_text(json.dumps(doc, ensure_ascii=False, indent=1) + "\n",
+                                   encoding="utf-8")
+    else:
+        for r in results:
+            print(r["predict"] if len(results) == 1 and not problems else
+                  f"{r['name']}\t{r['predict']}")
+    return 2 if problems else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (VocabError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

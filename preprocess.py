@@ -1,0 +1,108 @@
+"""Build an IM2LATEX-100K-layout dataset and/or its compact training shards.
+
+    python preprocess.py --data_path DIR                       # layout -> DIR/shards/
+    python preprocess.py --render FORMULAS --data_path DIR     # formula list -> layout -> shards
+    python preprocess.py --generate 20000 --data_path DIR      # the embedded default dataset
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from data.build import BuildReport, Filters, build_dataset
+from data.layout import FORMULAS_FILE, SPLITS, read_lines, read_split, split_file
+from data.render import RenderOptions
+from data.shards import write_split
+
+MAX_PROBLEMS_SHOWN = 20
+
+
+def get_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--data_path", required=True, help="dataset folder (standard layout)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--render", metavar="FORMULAS_FILE",
+                     help="formula list to normalize and render first (raw or normalized, .gz ok)")
+    src.add_argument("--generate", type=int, metavar="N",
+                     help="render N random formulas from the built-in generator")
+    p.add_argument("--exclude", action="append", default=[], metavar="FILE",
+                   help="formulas to keep out of the dataset (e.g. the test set); repeatable")
+    p.add_argument("--split_ratio", type=float, nargs=3, default=[0.8, 0.1, 0.1],
+                   metavar=("TRAIN", "VAL", "TEST"))
+    p.add_argument("--seed", type=int, default=0, help="seed of the split and the generator")
+    p.add_argument("--max_tokens", type=int, default=Filters.max_tokens,
+                   help="train/validate formulas longer than this are dropped")
+    p.add_argument("--max_width", type=int, default=Filters.max_width)
+    p.add_argument("--max_height", type=int, default=Filters.max_height)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="TeX processes")
+    p.add_argument("--no_shards", action="store_true", help="build the layout only")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def build(args: argparse.Namespace) -> BuildReport:
+    if args.generate is not None:
+        from data.generate import generate_formulas
+
+        if args.generate < 1:
+            raise SystemExit("error: --generate needs a positive count")
+        lines = generate_formulas(args.generate, seed=args.seed)
+    else:
+        path = Path(args.render)
+        if not path.is_file():
+            raise SystemExit(f"error: formula file {path} not found")
+        lines = read_lines(path)
+        if not any(ln.strip() for ln in lines):
+            raise SystemExit(f"error: formula file {path} holds no formulas")
+    exclude = [ln for f in args.exclude for ln in read_lines(f)]
+    filters = Filters(args.max_tokens, args.max_width, args.max_height)
+    report = build_dataset(lines, args.data_path, ratios=args.split_ratio, seed=args.seed,
+                           exclude=exclude, filters=filters,
+                           render_opts=RenderOptions(workers=args.workers),
+                           progress=not args.quiet)
+    print("\n".join(report.lines()))
+    return report
+
+
+def make_shards(data_dir: Path, progress: bool) -> int:
+    """Shard every split file present; returns the number of images written."""
+    formulas_path = data_dir / FORMULAS_FILE
+    if not formulas_path.is_file():
+        raise SystemExit(f"error: {formulas_path} not found: {data_dir} is not a dataset in the "
+                         "IM2LATEX-100K layout (use --render or --generate to make one)")
+    formulas = read_lines(formulas_path)
+    total = 0
+    for split in SPLITS:
+        if not (data_dir / split_file(split)).is_file():
+            continue
+        entries, problems = read_split(data_dir, split, formulas)
+        report = write_split(entries, data_dir / "shards" / split, split, progress=progress)
+        problems += report.problems
+        for msg in problems[:MAX_PROBLEMS_SHOWN]:
+            print(f"warning: {msg}", file=sys.stderr)
+        if len(problems) > MAX_PROBLEMS_SHOWN:
+            print(f"warning: ... and {len(problems) - MAX_PROBLEMS_SHOWN} more", file=sys.stderr)
+        print(f"{split}: {report.written} images in {data_dir / 'shards' / split}, "
+              f"{len(problems)} skipped")
+        total += report.written
+    return total
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args(argv)
+    data_dir = Path(args.data_path)
+    if args.render or args.generate is not None:
+        build(args)
+    if args.no_shards:
+        return 0
+    if make_shards(data_dir, progress=not args.quiet) == 0:
+        print(f"error: no usable images found in {data_dir}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
