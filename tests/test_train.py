@@ -1,0 +1,89 @@
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+from data.vocab import Vocab
+from model.checkpoint import load_checkpoint, load_model
+from tests.conftest import ROOT, TINY_MODEL, run_script
+
+COMMON = [*TINY_MODEL, "--batch_size", "8", "--workers", "0", "--quiet", "--threads", "1",
+          "--dropout", "0.2", "--sample_method", "inv_sigmoid", "--decay_k", "5"]
+
+
+def same_weights(a, b) -> bool:
+    wa, wb = load_checkpoint(a)["model"], load_checkpoint(b)["model"]
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_run_writes_checkpoints_logs_and_curves(tiny_dataset, tiny_model):
+    run = tiny_model.parent
+    for name in ("last.pt", "best.pt", "log.csv", "curves.png"):
+        assert (run / name).is_file(), name
+    rows = list(csv.DictReader(open(run / "log.csv")))
+    assert len(rows) == 1 and float(rows[0]["train_loss"]) > 0 and rows[0]["val_loss"]
+    ckpt = load_checkpoint(run / "last.pt")  # weights_only=True inside
+    assert ckpt["epoch"] == 1 and ckpt["step"] > 0 and "optimizer" in ckpt and "rng" in ckpt
+    model, vocab = load_model(run / "best.pt")
+    assert vocab == Vocab.load(tiny_dataset / "vocab.json")
+    assert not list(run.glob("*.tmp"))
+
+
+def test_sigkill_and_resume_ends_with_the_same_weights(tiny_dataset, tmp_path):
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    run_script("train.py", "--data_path", tiny_dataset, "--save_dir", ref, *COMMON,
+               "--epoches", "2")
+    args = [sys.executable, str(ROOT / "train.py"), "--data_path", str(tiny_dataset),
+            "--save_dir", str(killed), *COMMON, "--epoches", "2", "--save_every", "1"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if (killed / "last.pt").is_file() and load_checkpoint(killed / "last.pt")["step"] >= 3:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        proc.kill()
+    step = load_checkpoint(killed / "last.pt")["step"]
+    assert step < load_checkpoint(ref / "last.pt")["step"]
+    run_script("train.py", "--data_path", tiny_dataset, "--save_dir", killed, *COMMON,
+               "--epoches", "2", "--from_check_point")
+    assert same_weights(ref / "last.pt", killed / "last.pt")
+
+
+def test_more_epochs_from_checkpoint_equals_one_longer_run(tiny_dataset, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_script("train.py", "--data_path", tiny_dataset, "--save_dir", a, *COMMON,
+               "--epoches", "2")
+    run_script("train.py", "--data_path", tiny_dataset, "--save_dir", b, *COMMON,
+               "--epoches", "1")
+    assert not same_weights(a / "last.pt", b / "last.pt")
+    run_script("train.py", "--data_path", tiny_dataset, "--save_dir", b, *COMMON,
+               "--epoches", "2", "--from_check_point")
+    assert same_weights(a / "last.pt", b / "last.pt")
+    assert len(list(csv.DictReader(open(b / "log.csv")))) == 2
+
+
+def test_bad_inputs_fail_clearly(tiny_dataset, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "vocab.json").write_text("{oops")
+    p = run_script("train.py", "--data_path", bad, "--save_dir", tmp_path / "r", check=False)
+    assert p.returncode == 1 and "malformed JSON" in p.stderr and "Traceback" not in p.stderr
+    p = run_script("train.py", "--data_path", tiny_dataset, "--save_dir", tmp_path / "none",
+                   "--from_check_point", check=False)
+    assert p.returncode == 1 and "no last.pt" in p.stderr
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    p = run_script("train.py", "--data_path", tiny_dataset, "--save_dir", tmp_path / "r2",
+                   "--init_from", tmp_path / "junk.pt", check=False)
+    assert p.returncode == 1 and "junk.pt" in p.stderr and "Traceback" not in p.stderr
+    p = run_script("train.py", "--data_path", tmp_path / "missing", "--save_dir",
+                   tmp_path / "r3", check=False)
+    assert p.returncode == 1 and "not found" in p.stderr
