@@ -13,11 +13,9 @@ import sys
 from pathlib import Path
 
 from data.build import BuildReport, Filters, build_dataset
-from data.layout import FORMULAS_FILE, SPLITS, read_lines, read_split, split_file
+from data.layout import read_lines
 from data.render import RenderOptions
-from data.shards import write_split
-
-MAX_PROBLEMS_SHOWN = 20
+from data.shards import ShardError, shard_dataset
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,30 +65,6 @@ def build(args: argparse.Namespace) -> BuildReport:
     return report
 
 
-def make_shards(data_dir: Path, progress: bool) -> int:
-    """Shard every split file present; returns the number of images written."""
-    formulas_path = data_dir / FORMULAS_FILE
-    if not formulas_path.is_file():
-        raise SystemExit(f"error: {formulas_path} not found: {data_dir} is not a dataset in the "
-                         "IM2LATEX-100K layout (use --render or --generate to make one)")
-    formulas = read_lines(formulas_path)
-    total = 0
-    for split in SPLITS:
-        if not (data_dir / split_file(split)).is_file():
-            continue
-        entries, problems = read_split(data_dir, split, formulas)
-        report = write_split(entries, data_dir / "shards" / split, split, progress=progress)
-        problems += report.problems
-        for msg in problems[:MAX_PROBLEMS_SHOWN]:
-            print(f"warning: {msg}", file=sys.stderr)
-        if len(problems) > MAX_PROBLEMS_SHOWN:
-            print(f"warning: ... and {len(problems) - MAX_PROBLEMS_SHOWN} more", file=sys.stderr)
-        print(f"{split}: {report.written} images in {data_dir / 'shards' / split}, "
-              f"{len(problems)} skipped")
-        total += report.written
-    return total
-
-
 def main(argv: list[str] | None = None) -> int:
     args = get_args(argv)
     data_dir = Path(args.data_path)
@@ -98,11 +72,15 @@ def main(argv: list[str] | None = None) -> int:
         build(args)
     if args.no_shards:
         return 0
-    if make_shards(data_dir, progress=not args.quiet) == 0:
+    if shard_dataset(data_dir, progress=not args.quiet) == 0:
         print(f"error: no usable images found in {data_dir}", file=sys.stderr)
         return 1
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except ShardError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

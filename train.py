@@ -41,8 +41,13 @@ from model.checkpoint import (
 from model.im2latex import Im2Latex, ModelConfig
 from model.sampling import teacher_forcing_ratio
 
+# Flags that define a run: --from_check_point takes them from the checkpoint unless they are
+# given on the command line with a non-default value.
+RUN_FLAGS = ("lr", "min_lr", "lr_decay", "lr_patience", "clip", "batch_size", "max_len",
+             "sample_method", "decay_k", "seed", "freeze_encoder")
 
-def get_args(argv: list[str] | None = None) -> argparse.Namespace:
+
+def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--data_path", required=True, help="dataset folder with shards/ and vocab.json")
     p.add_argument("--save_dir", required=True, help="where checkpoints and logs go")
@@ -84,7 +89,23 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no_amp", action="store_true", help="disable mixed precision on CUDA")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    return p
+
+
+def get_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return get_parser().parse_args(argv)
+
+
+def restore_run_flags(args: argparse.Namespace, saved: dict) -> None:
+    """Continue a run with the settings it was started with; explicit changes win."""
+    parser = get_parser()
+    for key in RUN_FLAGS:
+        if key not in saved:
+            continue
+        if getattr(args, key) == parser.get_default(key):
+            setattr(args, key, saved[key])
+        elif getattr(args, key) != saved[key]:
+            print(f"note: --{key} changed from {saved[key]} to {getattr(args, key)} on resume")
 
 
 def model_config(args: argparse.Namespace, vocab_size: int) -> ModelConfig:
@@ -184,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --from_check_point: no {LAST} in {save_dir}", file=sys.stderr)
             return 1
         resume = load_checkpoint(save_dir / LAST)
+        restore_run_flags(args, resume.get("args", {}))
         model, vocab = model_from_checkpoint(resume, source=str(save_dir / LAST))
         model.train()
     else:
@@ -262,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             optimizer.step()
             step += 1
             step_in_epoch += 1
-            loss_v = float(loss)
+            loss_v = loss.item()
             ep_loss, ep_n = ep_loss + loss_v, ep_n + 1
             bar.set_postfix(loss=f"{loss_v:.3f}", ppl=f"{math.exp(min(loss_v, 50)):.2f}",
                             lr=f"{optimizer.param_groups[0]['lr']:.1e}")

@@ -52,9 +52,10 @@ class BuildReport:
         return out
 
 
-def image_name(formula: str) -> str:
-    """A content-addressed file name, so reruns (resume) and rebuilds find the same image."""
-    return hashlib.sha1(formula.encode("utf-8")).hexdigest()[:16] + ".png"
+def image_stem(formula: str) -> str:
+    """A content-addressed file name (without `.png`), so reruns (resume) and rebuilds find the
+    same image."""
+    return hashlib.sha1(formula.encode("utf-8")).hexdigest()[:16]
 
 
 def normalize_all(lines: Iterable[str], report: BuildReport) -> list[str]:
@@ -126,13 +127,14 @@ def build_dataset(lines: Iterable[str], data_dir: str | Path, *, ratios: Sequenc
 
     data_dir = Path(data_dir)
     img_dir = data_dir / IMAGES_DIR
-    names = [image_name(f) for f in wanted]
+    stems = [image_stem(f) for f in wanted]
     opts = RenderOptions(**{**render_opts.__dict__, "bucket": True})
-    render_to_dir(wanted, names, img_dir, opts, progress=progress)
+    render_to_dir(wanted, stems, img_dir, opts, progress=progress)
 
     split_of = dict(zip(formulas, splits))
     rows: dict[str, list[tuple[str, int]]] = {s: [] for s in SPLITS}
-    for idx, (f, name) in enumerate(zip(wanted, names)):
+    for idx, (f, stem) in enumerate(zip(wanted, stems)):
+        name = stem + ".png"
         path = img_dir / name
         if not path.is_file():
             report.drop("failed to render", f)

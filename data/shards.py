@@ -9,6 +9,7 @@ cache instead of each unpickling the whole set.
 from __future__ import annotations
 
 import json
+import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,9 +19,10 @@ import numpy as np
 from tqdm import tqdm
 
 from data.image import ImageError, pad_to_bucket, read_gray_png
-from data.layout import Entry
+from data.layout import FORMULAS_FILE, SPLITS, Entry, read_lines, read_split, split_file
 
 INDEX = "index.json"
+MAX_PROBLEMS_SHOWN = 20
 FORMAT_VERSION = 1
 
 
@@ -76,6 +78,34 @@ def write_split(entries: Sequence[Entry], out_dir: str | Path, split: str,
     tmp.write_text(json.dumps(index, ensure_ascii=False) + "\n", encoding="utf-8")
     tmp.replace(out_dir / INDEX)
     return report
+
+
+def shard_dataset(data_dir: str | Path, progress: bool = True) -> int:
+    """Shard every split file of a standard-layout dataset into DIR/shards/SPLIT.
+
+    Bad lines (missing or corrupt image, index out of range) are printed with file and line and
+    skipped; returns the number of images written."""
+    data_dir = Path(data_dir)
+    formulas_path = data_dir / FORMULAS_FILE
+    if not formulas_path.is_file():
+        raise ShardError(f"{formulas_path} not found: {data_dir} is not a dataset in the "
+                         "IM2LATEX-100K layout (preprocess.py --render/--generate makes one)")
+    formulas = read_lines(formulas_path)
+    total = 0
+    for split in SPLITS:
+        if not (data_dir / split_file(split)).is_file():
+            continue
+        entries, problems = read_split(data_dir, split, formulas)
+        report = write_split(entries, data_dir / "shards" / split, split, progress=progress)
+        problems += report.problems
+        for msg in problems[:MAX_PROBLEMS_SHOWN]:
+            print(f"warning: {msg}", file=sys.stderr)
+        if len(problems) > MAX_PROBLEMS_SHOWN:
+            print(f"warning: ... and {len(problems) - MAX_PROBLEMS_SHOWN} more", file=sys.stderr)
+        print(f"{split}: {report.written} images in {data_dir / 'shards' / split}, "
+              f"{len(problems)} skipped")
+        total += report.written
+    return total
 
 
 @dataclass

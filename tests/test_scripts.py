@@ -142,7 +142,7 @@ def _variants(src, folder):
     rgba[..., 3] = 255 - img  # ink opaque, background transparent
     Image.fromarray(rgba, "RGBA").save(folder / "rgba.png")
     Image.fromarray(255 - img).save(folder / "inverted.jpg", quality=95)
-    Image.fromarray((img.astype(np.uint16) * 257)).save(folder / "sixteen.png")
+    Image.fromarray(img.astype(np.uint16) * 257).save(folder / "sixteen.png")
     big = Image.fromarray(img).resize((img.shape[1] * 3, img.shape[0] * 3), Image.BICUBIC)
     canvas = Image.new("L", (big.width + 300, big.height + 200), 255)
     canvas.paste(big, (150, 100))
