@@ -15,13 +15,16 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import os
 import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -126,32 +129,96 @@ def init_from(path: str, data_vocab: Vocab) -> tuple[Im2Latex, Vocab]:
     return model.train(), extended
 
 
-def sequence_loss(logits: torch.Tensor, tgt_out: torch.Tensor, pad: int) -> torch.Tensor:
-    # logits: B x T x V, tgt_out: B x T -> mean cross-entropy over non-pad tokens
-    return F.cross_entropy(logits.flatten(0, 1).float(), tgt_out.flatten(), ignore_index=pad)
+def token_loss_sum(logits: torch.Tensor, tgt_out: torch.Tensor, pad: int) -> torch.Tensor:
+    # logits: B x T x V, tgt_out: B x T -> summed cross-entropy over non-pad tokens
+    return F.cross_entropy(logits.flatten(0, 1).float(), tgt_out.flatten(), ignore_index=pad,
+                           reduction="sum")
+
+
+class Dist:
+    """This process's place in a torchrun launch (world of 1 without torchrun).
+
+    Sums are all-reduced so that every quantity is the one a single process with the global
+    batch would compute: that is what makes DDP, micro-batching and one process agree."""
+
+    def __init__(self, device_arg: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device(device_arg)
+        if self.world > 1:
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            if device.type == "cuda":
+                device = torch.device("cuda", local)
+                torch.cuda.set_device(device)
+            dist.init_process_group(backend)
+        self.device = device
+        self.main = self.rank == 0
+
+    def sum(self, *values: float | torch.Tensor) -> list[float]:
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64,
+                         device=self.device if self.device.type == "cuda" else "cpu")
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t.tolist()
+
+    def gather(self, obj: object) -> list:
+        if self.world == 1:
+            return [obj]
+        out: list = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def close(self) -> None:
+        if self.world > 1:
+            dist.destroy_process_group()
+
+
+def train_step(model: torch.nn.Module, batch: dict, tf: float, d: Dist, pad: int,
+               chunks: int, amp: bool) -> float:
+    """Forward and backward one global batch; returns its mean token loss.
+
+    The loss is a sum over tokens divided by the global token count, so gradients are
+    identical whether the batch runs in one piece, in `chunks` micro-batches (after an
+    out-of-memory error) or spread over DDP ranks."""
+    tgt_out = batch["tgt_out"]
+    tokens = d.sum(int((tgt_out != pad).sum()))[0]
+    scale = d.world / max(tokens, 1)  # DDP averages gradients over ranks: undo that
+    total = 0.0
+    pieces = list(zip(*(batch[k].tensor_split(chunks) for k in ("imgs", "tgt_in", "tgt_out"))))
+    for i, (imgs, tgt_in, out) in enumerate(pieces):
+        last = i == len(pieces) - 1
+        sync = model.no_sync() if isinstance(model, DDP) and not last else nullcontext()
+        with sync:
+            logits = model(imgs.to(d.device, non_blocking=True),
+                           tgt_in.to(d.device, non_blocking=True), teacher_forcing=tf, amp=amp)
+            loss_sum = token_loss_sum(logits, out.to(d.device, non_blocking=True), pad)
+            (loss_sum * scale).backward()
+        total += loss_sum.item()
+    return d.sum(total)[0] / max(tokens, 1)
 
 
 @torch.no_grad()
-def validate(model: Im2Latex, loader: DataLoader, device: torch.device, amp,
+def validate(model: Im2Latex, loader: DataLoader, d: Dist, amp: bool,
              pad: int) -> dict[str, float]:
-    """Teacher-forced loss and token accuracy: cheap enough to run every epoch, and the loss is
-    what the learning-rate schedule and best-checkpoint choice follow."""
+    """Teacher-forced loss and token accuracy over the validation split (sharded over ranks):
+    cheap enough for every epoch, and the loss is what the learning-rate schedule and the
+    best-checkpoint choice follow."""
     model.eval()
-    total_loss, total_tok, correct = 0.0, 0, 0
+    loss_sum, tokens, correct = 0.0, 0, 0
     for batch in loader:
-        imgs = batch["imgs"].to(device, non_blocking=True)
-        tgt_in, tgt_out = batch["tgt_in"].to(device), batch["tgt_out"].to(device)
-        with amp():
-            logits = model(imgs, tgt_in)
+        tgt_out = batch["tgt_out"].to(d.device)
+        logits = model(batch["imgs"].to(d.device), batch["tgt_in"].to(d.device), amp=amp)
         mask = tgt_out != pad
-        n = int(mask.sum())
-        total_loss += float(sequence_loss(logits, tgt_out, pad)) * n
+        loss_sum += token_loss_sum(logits, tgt_out, pad).item()
         correct += int(((logits.argmax(-1) == tgt_out) & mask).sum())
-        total_tok += n
+        tokens += int(mask.sum())
     model.train()
-    loss = total_loss / max(total_tok, 1)
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)),
-            "val_acc": correct / max(total_tok, 1)}
+    loss_sum, tokens, correct = d.sum(loss_sum, tokens, correct)
+    if tokens == 0:
+        return {"val_loss": math.nan, "val_ppl": math.nan, "val_acc": math.nan}
+    loss = loss_sum / tokens
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)), "val_acc": correct / tokens}
 
 
 def write_log(save_dir: Path, row: dict) -> None:
@@ -188,17 +255,21 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    data_dir, save_dir = Path(args.data_path), Path(args.save_dir)
-    cuda = device.type == "cuda"
-    amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
+    d = Dist(args.device)
+    try:
+        return train(args, d)
+    finally:
+        d.close()
 
-    def amp():
-        return torch.autocast("cuda", dtype=amp_dtype) if cuda and not args.no_amp \
-            else nullcontext()
+
+def train(args: argparse.Namespace, d: Dist) -> int:
+    data_dir, save_dir = Path(args.data_path), Path(args.save_dir)
+    cuda = d.device.type == "cuda"
+    amp = cuda and not args.no_amp
+    log = print if d.main else (lambda *a, **k: None)
 
     # --- the model, the vocabulary, and where we start from
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # identical initial weights on every rank
     resume = None
     if args.from_check_point:
         if not (save_dir / LAST).is_file():
@@ -207,7 +278,6 @@ def main(argv: list[str] | None = None) -> int:
         resume = load_checkpoint(save_dir / LAST)
         restore_run_flags(args, resume.get("args", {}))
         model, vocab = model_from_checkpoint(resume, source=str(save_dir / LAST))
-        model.train()
     else:
         data_vocab = Vocab.load(data_dir / "vocab.json")
         if args.init_from:
@@ -215,13 +285,14 @@ def main(argv: list[str] | None = None) -> int:
         else:
             vocab = data_vocab
             model = Im2Latex(model_config(args, len(vocab)))
-    model.to(device)
+    model.to(d.device).train()
     if args.freeze_encoder:
         for p in model.encoder.parameters():
             p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
-    print(f"model: {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters, "
-          f"vocabulary {len(vocab)}, device {device}")
+    net = DDP(model, device_ids=[d.device] if cuda else None) if d.world > 1 else model
+    log(f"model: {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters, "
+        f"vocabulary {len(vocab)}, device {d.device}, {d.world} process(es)")
 
     # --- data: one size bucket per batch, order fixed by (seed, epoch)
     train_ds = FormulaDataset(data_dir / "shards" / "train", vocab, max_len=args.max_len)
@@ -229,90 +300,111 @@ def main(argv: list[str] | None = None) -> int:
     if len(train_ds) == 0:
         print(f"error: no training images in {data_dir}/shards/train", file=sys.stderr)
         return 1
-    sampler = BucketBatchSampler(train_ds.bucket_items, args.batch_size, seed=args.seed)
+    sampler = BucketBatchSampler(train_ds.bucket_items, args.batch_size, seed=args.seed,
+                                 num_replicas=d.world, rank=d.rank)
     # Loaders get their own generator: creating one would otherwise draw from the global RNG,
     # and a resumed run would then see different dropout masks than an uninterrupted one.
     val_loader = DataLoader(val_ds, collate_fn=collate, pin_memory=cuda,
                             generator=torch.Generator(),
-                            batch_sampler=BucketBatchSampler(val_ds.bucket_items,
-                                                             args.batch_size, shuffle=False))
-    print(f"data: {len(train_ds)} train / {len(val_ds)} validation images "
-          f"({train_ds.skipped_long} train formulas over --max_len {args.max_len} left out)")
+                            batch_sampler=BucketBatchSampler(
+                                val_ds.bucket_items, args.batch_size, shuffle=False,
+                                num_replicas=d.world, rank=d.rank))
+    log(f"data: {len(train_ds)} train / {len(val_ds)} validation images "
+        f"({train_ds.skipped_long} train formulas over --max_len {args.max_len} left out); "
+        f"effective batch {args.batch_size * d.world} ({args.batch_size} x {d.world}), "
+        f"lr {args.lr:g}")
 
     optimizer = torch.optim.Adam(params, lr=args.lr, fused=cuda or None)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, factor=args.lr_decay, patience=args.lr_patience, min_lr=args.min_lr)
+    torch.manual_seed(args.seed + d.rank)  # different dropout masks per rank
     epoch, step_in_epoch, step, best = 0, 0, 0, math.inf
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
-        set_rng_state(resume["rng"])
+        states = resume["rng"]
+        if len(states) == d.world:
+            set_rng_state(states[d.rank])
+        else:
+            log(f"note: checkpoint from {len(states)} process(es), now {d.world}: RNG reseeded")
         epoch, step_in_epoch = resume["epoch"], resume["step_in_epoch"]
         step, best = resume["step"], resume["best_val_loss"]
-        print(f"resumed from {save_dir / LAST}: epoch {epoch + 1}, step {step}")
+        log(f"resumed from {save_dir / LAST}: epoch {epoch + 1}, step {step}")
 
-    def checkpoint(path: Path, **extra) -> None:
-        save_checkpoint({"model": model.state_dict(), "model_config": model.cfg.to_dict(),
-                         "vocab": vocab.to_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "rng": rng_state(),
-                         "epoch": epoch, "step_in_epoch": step_in_epoch, "step": step,
-                         "best_val_loss": best, "args": vars(args), **extra}, path)
+    def checkpoint(*paths: Path) -> None:
+        rng = d.gather(rng_state())  # collective: every rank calls it
+        if not d.main:
+            return
+        state = {"model": model.state_dict(), "model_config": model.cfg.to_dict(),
+                 "vocab": vocab.to_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "rng": rng, "epoch": epoch,
+                 "step_in_epoch": step_in_epoch, "step": step, "best_val_loss": best,
+                 "args": vars(args)}
+        for path in paths:
+            save_checkpoint(state, path)
 
     # --- the loop
     started = time.time()
+    chunks = 1  # micro-batches per step; doubled when a CUDA step runs out of memory
     stop = False
     while epoch < args.epoches and not stop:
         batches = sampler.batches(epoch)
         loader = DataLoader(train_ds, batch_sampler=batches[step_in_epoch:], collate_fn=collate,
                             num_workers=args.workers, pin_memory=cuda,
                             generator=torch.Generator())
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epoches}", disable=args.quiet,
-                   initial=step_in_epoch, total=len(batches), dynamic_ncols=True)
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epoches}",
+                   disable=args.quiet or not d.main, initial=step_in_epoch, total=len(batches),
+                   dynamic_ncols=True)
         ep_loss, ep_n = 0.0, 0
         for batch in bar:
-            imgs = batch["imgs"].to(device, non_blocking=True)
-            tgt_in = batch["tgt_in"].to(device, non_blocking=True)
-            tgt_out = batch["tgt_out"].to(device, non_blocking=True)
             tf = teacher_forcing_ratio(args.sample_method, step, args.decay_k)
-            with amp():
-                logits = model(imgs, tgt_in, teacher_forcing=tf)
-            loss = sequence_loss(logits, tgt_out, vocab.pad_id)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            while True:
+                optimizer.zero_grad(set_to_none=True)
+                try:
+                    loss = train_step(net, batch, tf, d, vocab.pad_id, chunks, amp)
+                    break
+                except torch.cuda.OutOfMemoryError:
+                    if d.world > 1 or chunks >= len(batch["imgs"]):
+                        raise
+                    optimizer.zero_grad(set_to_none=True)
+                    torch.cuda.empty_cache()
+                    chunks *= 2
+                    log(f"\nout of GPU memory: step {step + 1} retried in {chunks} "
+                        f"micro-batches of ~{-(-len(batch['imgs']) // chunks)}")
             if args.clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, args.clip)
             optimizer.step()
             step += 1
             step_in_epoch += 1
-            loss_v = loss.item()
-            ep_loss, ep_n = ep_loss + loss_v, ep_n + 1
-            bar.set_postfix(loss=f"{loss_v:.3f}", ppl=f"{math.exp(min(loss_v, 50)):.2f}",
+            ep_loss, ep_n = ep_loss + loss, ep_n + 1
+            bar.set_postfix(loss=f"{loss:.3f}", ppl=f"{math.exp(min(loss, 50)):.2f}",
                             lr=f"{optimizer.param_groups[0]['lr']:.1e}")
             if args.quiet and step % args.print_freq == 0:
-                print(f"epoch {epoch + 1} step {step} loss {loss_v:.4f}", flush=True)
+                log(f"epoch {epoch + 1} step {step} loss {loss:.4f}", flush=True)
             out_of_time = args.max_minutes and time.time() - started > args.max_minutes * 60
-            if (args.max_steps and step >= args.max_steps) or out_of_time:
-                stop = True
+            want_stop = bool((args.max_steps and step >= args.max_steps) or out_of_time)
+            stop = d.sum(want_stop)[0] > 0  # all ranks take part, so all stop at one step
             if stop or step % args.save_every == 0:
                 checkpoint(save_dir / LAST)
             if stop:
                 break
         bar.close()
         if stop and step_in_epoch < len(batches):
-            print(f"stopped at step {step} (epoch {epoch + 1}, {step_in_epoch}/{len(batches)}); "
-                  "continue with --from_check_point")
+            log(f"stopped at step {step} (epoch {epoch + 1}, {step_in_epoch}/{len(batches)}); "
+                "continue with --from_check_point")
             break
 
         # --- end of epoch: validate, schedule, checkpoint, log
-        metrics = validate(model, val_loader, device, amp, vocab.pad_id) if len(val_ds) else \
-            {"val_loss": ep_loss / max(ep_n, 1), "val_ppl": math.nan, "val_acc": math.nan}
+        metrics = validate(model, val_loader, d, amp, vocab.pad_id)
+        if math.isnan(metrics["val_loss"]):  # no validation data: follow the training loss
+            metrics["val_loss"] = ep_loss / max(ep_n, 1)
         scheduler.step(metrics["val_loss"])
         epoch, step_in_epoch = epoch + 1, 0
         improved = metrics["val_loss"] < best
         best = min(best, metrics["val_loss"])
-        checkpoint(save_dir / LAST)
-        if improved:
-            checkpoint(save_dir / BEST)
+        checkpoint(save_dir / LAST, *([save_dir / BEST] if improved else []))
+        if not d.main:
+            continue
         train_loss = ep_loss / max(ep_n, 1)
         row = {"epoch": epoch, "step": step, "train_loss": round(train_loss, 5),
                "train_ppl": round(math.exp(min(train_loss, 50)), 4),
@@ -320,9 +412,9 @@ def main(argv: list[str] | None = None) -> int:
                "lr": optimizer.param_groups[0]["lr"],
                "minutes": round((time.time() - started) / 60, 2)}
         write_log(save_dir, row)
-        print(f"epoch {epoch}: train loss {train_loss:.4f}, val loss {metrics['val_loss']:.4f}, "
-              f"val ppl {metrics['val_ppl']:.3f}, val token acc {metrics['val_acc']:.4f}"
-              + (" (best)" if improved else ""), flush=True)
+        log(f"epoch {epoch}: train loss {train_loss:.4f}, val loss {metrics['val_loss']:.4f}, "
+            f"val ppl {metrics['val_ppl']:.3f}, val token acc {metrics['val_acc']:.4f}"
+            + (" (best)" if improved else ""), flush=True)
     return 0
 
 

@@ -45,10 +45,13 @@ class FormulaDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, list[int]]:
-        b, r = self.items[i]
+    def __getitem__(self, i: int) -> tuple[np.ndarray, list[int] | None]:
+        """Image and token ids; a padding entry `-1 - i` (see BucketBatchSampler) gives image
+        `i` with no targets."""
+        b, r = self.items[i if i >= 0 else -1 - i]
         bucket = self.buckets[b]
-        return np.asarray(bucket.images[r]), self.vocab.encode(bucket.formulas[r])
+        ids = self.vocab.encode(bucket.formulas[r]) if i >= 0 else None
+        return np.asarray(bucket.images[r]), ids
 
     def formula(self, i: int) -> str:
         b, r = self.items[i]
@@ -62,9 +65,13 @@ class FormulaDataset(Dataset):
 class BucketBatchSampler(Sampler[list[int]]):
     """Batches of indices from one bucket at a time, shuffled per epoch, none dropped.
 
-    With `num_replicas > 1` each rank takes every `num_replicas`-th batch of the same global
-    order; the list is first padded by repeating batches from its start, so that all ranks run
-    the same number of steps (a rank that stops early would hang the others' all-reduce)."""
+    With `num_replicas > 1` the global batches (`batch_size * num_replicas` images) are drawn
+    exactly as a single process with that batch size would draw them, and each is cut into one
+    slice per rank, so a distributed step trains on the same images as the single-process
+    step. Every rank runs the same number of steps. A slice left empty (a bucket's last batch
+    smaller than the number of ranks) is filled with a *padding entry*: `-1 - i` for an index
+    `i` of the batch, which the dataset loads with no target tokens, so it adds nothing to the
+    loss or the gradient."""
 
     def __init__(self, bucket_items: Sequence[Sequence[int]], batch_size: int,
                  shuffle: bool = True, seed: int = 0, num_replicas: int = 1, rank: int = 0):
@@ -78,41 +85,51 @@ class BucketBatchSampler(Sampler[list[int]]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def batches(self, epoch: int) -> list[list[int]]:
-        """This rank's batches for `epoch`, deterministic in (seed, epoch)."""
+    def global_batches(self, epoch: int) -> list[list[int]]:
+        """All ranks' batches together, deterministic in (seed, epoch)."""
         rng = random.Random(self.seed * 1_000_003 + epoch)
+        size = self.batch_size * self.num_replicas
         out = []
         for items in self.bucket_items:
             items = list(items)
             if self.shuffle:
                 rng.shuffle(items)
-            out += [items[i:i + self.batch_size] for i in range(0, len(items), self.batch_size)]
+            out += [items[i:i + size] for i in range(0, len(items), size)]
         if self.shuffle:
             rng.shuffle(out)
-        if self.num_replicas > 1 and out:
-            while len(out) % self.num_replicas:
-                out.append(out[len(out) % self.num_replicas])
-            out = out[self.rank::self.num_replicas]
+        return out
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        """This rank's slice of every global batch for `epoch`."""
+        out = []
+        for batch in self.global_batches(epoch):
+            k, n = self.rank, self.num_replicas
+            per = -(-len(batch) // n)  # ceil: slices as even as the batch allows
+            mine = batch[k * per:(k + 1) * per]
+            out.append(mine or [-1 - batch[0]])
         return out
 
     def __iter__(self) -> Iterator[list[int]]:
         return iter(self.batches(self.epoch))
 
     def __len__(self) -> int:
-        return len(self.batches(self.epoch))
+        return len(self.global_batches(self.epoch))
 
 
-def collate(batch: Sequence[tuple[np.ndarray, list[int]]], bos: int = Vocab.bos_id,
+def collate(batch: Sequence[tuple[np.ndarray, list[int] | None]], bos: int = Vocab.bos_id,
             eos: int = Vocab.eos_id, pad: int = Vocab.pad_id) -> dict[str, torch.Tensor]:
     """Stack one bucket's images (uint8, B x 1 x H x W) and build decoder input/target.
 
     tgt_in = `<s> y1 .. yn`, tgt_out = `y1 .. yn </s>`, both padded with `<pad>` to the
-    longest formula in the batch."""
+    longest formula in the batch; a padding entry (ids None) gets an all-`<pad>` target, which
+    the loss ignores."""
     imgs = torch.from_numpy(np.stack([img for img, _ in batch]))[:, None]  # B x 1 x H x W
-    T = max(len(ids) for _, ids in batch) + 1
+    T = max((len(ids) for _, ids in batch if ids is not None), default=0) + 1
     tgt_in = torch.full((len(batch), T), pad, dtype=torch.long)
     tgt_out = torch.full((len(batch), T), pad, dtype=torch.long)
     for i, (_, ids) in enumerate(batch):
+        if ids is None:
+            continue
         seq = torch.tensor(ids, dtype=torch.long)
         tgt_in[i, 0] = bos
         tgt_in[i, 1:len(ids) + 1] = seq

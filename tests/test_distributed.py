@@ -1,0 +1,57 @@
+"""torchrun with 2 CPU processes (gloo) trains like one process with the same global batch."""
+
+import os
+import re
+import subprocess
+import sys
+
+import torch
+
+from model.checkpoint import load_checkpoint
+from tests.conftest import ROOT, TINY_MODEL, run_script
+
+ARGS = [*TINY_MODEL, "--workers", "0", "--quiet", "--threads", "1", "--print_freq", "1",
+        "--epoches", "3"]
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train.py"), *map(str, args)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return p
+
+
+def losses(stdout: str) -> list[float]:
+    return [float(x) for x in re.findall(r"step \d+ loss ([\d.]+)", stdout)]
+
+
+def test_two_gloo_processes_match_one_process(tiny_dataset, tmp_path):
+    single = run_script("train.py", "--data_path", tiny_dataset, "--save_dir", tmp_path / "one",
+                        *ARGS, "--batch_size", "8", "--max_steps", "4")
+    multi = torchrun("--data_path", tiny_dataset, "--save_dir", tmp_path / "two", *ARGS,
+                     "--batch_size", "4", "--max_steps", "4")
+    assert "effective batch 8 (4 x 2)" in multi.stdout
+    a, b = losses(single.stdout), losses(multi.stdout)
+    assert len(a) == len(b) == 4
+    assert all(abs(x - y) < 1e-3 for x, y in zip(a, b)), (a, b)
+    wa = load_checkpoint(tmp_path / "one" / "last.pt")["model"]
+    wb = load_checkpoint(tmp_path / "two" / "last.pt")["model"]
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["last.pt"]  # rank 0 only
+
+
+def test_distributed_resume(tiny_dataset, tmp_path):
+    torchrun("--data_path", tiny_dataset, "--save_dir", tmp_path / "full", *ARGS,
+             "--batch_size", "4", "--max_steps", "6", "--dropout", "0.3")
+    torchrun("--data_path", tiny_dataset, "--save_dir", tmp_path / "part", *ARGS,
+             "--batch_size", "4", "--max_steps", "3", "--dropout", "0.3")
+    ckpt = load_checkpoint(tmp_path / "part" / "last.pt")
+    assert ckpt["step"] == 3 and len(ckpt["rng"]) == 2  # both ranks' RNG states kept
+    torchrun("--data_path", tiny_dataset, "--save_dir", tmp_path / "part", *ARGS,
+             "--max_steps", "6", "--from_check_point")
+    wa = load_checkpoint(tmp_path / "full" / "last.pt")["model"]
+    wb = load_checkpoint(tmp_path / "part" / "last.pt")["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
