@@ -17,7 +17,8 @@ setup:
 	PYTHON=$(PYTHON) bash .ci/install requirements.txt
 
 setup-dev:
-	PYTHON=$(PYTHON) bash .ci/install requirements-dev.txt
+	EXTRA_APT_PACKAGES="chromium chromium-driver" PYTHON=$(PYTHON) \
+	    bash .ci/install requirements-dev.txt
 
 demo: setup
 	$(PYTHON) preprocess.py --generate $(FORMULAS) --data_path $(DATA) --quiet

@@ -25,10 +25,8 @@ from data.image import ImageError, pad_to_bucket, read_gray_png
 from data.layout import FORMULAS_FILE, read_lines, read_matching, read_split
 from data.metrics import image_scores, text_scores
 from data.vocab import VocabError
-from model.checkpoint import CheckpointError, load_model
+from model.checkpoint import DEFAULT_MODEL, CheckpointError, load_model
 from model.predict import predict
-
-DEFAULT_MODEL = Path(__file__).resolve().parent / "checkpoints" / "im2latex.pt"
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:

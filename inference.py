@@ -24,10 +24,9 @@ import torch
 from data.image import ImageError, load_image, normalize_user_image, pad_to_bucket
 from data.normalize import NormalizeError, normalize
 from data.vocab import VocabError
-from model.checkpoint import CheckpointError, load_model
+from model.checkpoint import DEFAULT_MODEL, CheckpointError, load_model
 from model.predict import predict
 
-DEFAULT_MODEL = Path(__file__).resolve().parent / "checkpoints" / "im2latex.pt"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 LIST_SUFFIXES = {".txt", ".lst"}
 

@@ -19,6 +19,8 @@ from data.vocab import Vocab, VocabError
 from model.im2latex import Im2Latex, ModelConfig
 
 LAST, BEST = "last.pt", "best.pt"
+# The shipped reference model, loaded by inference.py, evaluate.py and serve.py by default.
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "checkpoints" / "im2latex.pt"
 
 
 class CheckpointError(ValueError):
@@ -44,7 +46,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if path.is_dir():  # a run directory: its best model, else its latest
         path = path / BEST if (path / BEST).is_file() else path / LAST
     if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
+        hint = " (no model is shipped yet: pass --model_path)" if path == DEFAULT_MODEL else ""
+        raise CheckpointError(f"{path}: checkpoint not found{hint}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types for a truncated or foreign file
