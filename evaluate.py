@@ -112,10 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Edit distance: {scores['edit_distance']:.2f}")
     print(f"Exact match: {scores['exact_match']:.2f}")
     if args.render:
+        from data.normalize import detokenize
         from data.render import render_formulas
 
-        ref_imgs = render_formulas(refs, progress=not args.quiet)
-        hyp_imgs = render_formulas(hyps, progress=not args.quiet)
+        ref_imgs = render_formulas([detokenize(r) for r in refs], progress=not args.quiet)
+        hyp_imgs = render_formulas([detokenize(h) for h in hyps], progress=not args.quiet)
         scores.update(image_scores(ref_imgs, hyp_imgs))
         print(f"Image exact match: {scores['image_exact_match']:.2f}")
         print(f"Image edit distance: {scores['image_edit_distance']:.2f}")

@@ -10,13 +10,13 @@ import hashlib
 import random
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from PIL import Image
 
 from data.layout import IMAGES_DIR, SPLITS, write_layout
-from data.normalize import NormalizeError, normalize
+from data.normalize import NormalizeError, detokenize, normalize
 from data.render import RenderOptions, render_to_dir
 
 
@@ -128,10 +128,17 @@ def build_dataset(lines: Iterable[str], data_dir: str | Path, *, ratios: Sequenc
     data_dir = Path(data_dir)
     img_dir = data_dir / IMAGES_DIR
     stems = [image_stem(f) for f in wanted]
-    opts = RenderOptions(**{**render_opts.__dict__, "bucket": True})
-    render_to_dir(wanted, stems, img_dir, opts, progress=progress)
-
     split_of = dict(zip(formulas, splits))
+    # What is rendered is the LaTeX the tokens stand for (`\text{if}`, not `\text { i f }`).
+    # Training formulas render strictly: TeX's error recovery drops what it cannot typeset, and
+    # an image missing part of its label teaches the model to hallucinate. Test formulas render
+    # as the original dataset did (pdflatex in nonstopmode), so scores stay comparable.
+    for strict in (True, False):
+        idx = [i for i, f in enumerate(wanted) if (split_of[f] != "test") == strict]
+        opts = replace(render_opts, bucket=True, strict=strict)
+        render_to_dir([detokenize(wanted[i]) for i in idx], [stems[i] for i in idx], img_dir,
+                      opts, progress=progress)
+
     rows: dict[str, list[tuple[str, int]]] = {s: [] for s in SPLITS}
     for idx, (f, stem) in enumerate(zip(wanted, stems)):
         name = stem + ".png"
