@@ -10,7 +10,9 @@ Append a folder of images that all show one formula to a dataset (created if mis
 
 Images of any format and polarity are normalized as inference.py does (scans with light ink on
 a dark background included). Formulas are normalized with the project's tokenizer; dropped
-backslashes of known commands are restored (`frac { 1 } { 3 }` -> `\\frac { 1 } { 3 }`).
+backslashes of known commands are restored (`frac { 1 } { 3 }` -> `\\frac { 1 } { 3 }`) and
+the answer keys' plain spellings mapped (`{{ }}` -> `\\{ \\}`, `inf` -> `\\infty`, `<=` ->
+`\\leq`, `>=` -> `\\geq`, `U` between two intervals -> `\\cup`).
 Problems (missing keys, folders not in NAME2ID, unreadable images) are listed and skipped;
 with --strict any problem makes the exit status 1.
 """
@@ -157,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     for msg in problems:
         print(f"warning: {msg}", file=sys.stderr)
     print(f"labelled images: {found}, written: {len(pairs)}, skipped: {len(problems)} "
-          f"problems, formulas with restored backslashes: {restored}")
+          f"problems, formulas respelled (backslashes, answer-key symbols): {restored}")
     if not pairs:
         print("error: no image could be labelled and written", file=sys.stderr)
         return 1

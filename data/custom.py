@@ -80,12 +80,29 @@ def load_id2formula(path: str | Path) -> dict[tuple[int, int], str]:
     return out
 
 
+# Plain-text spellings that the answer keys use for symbols (see ../shared/data/custom_example):
+# `{{ x | x <= 2 }}` is the set {x | x <= 2}, `inf` is infinity.
+ANSWER_KEY_SPELLINGS = {"{{": "\\{", "}}": "\\}", "inf": "\\infty", "<=": "\\leq",
+                        ">=": "\\geq"}
+
+
+def answer_key_tokens(tokens: list[str]) -> list[str]:
+    """Answer-key spellings to LaTeX, and `U` to `\\cup` where it joins two intervals
+    (`( - inf , 2 ) U [ 3 , inf )`); a `U` anywhere else stays a letter."""
+    out = [ANSWER_KEY_SPELLINGS.get(t, t) for t in tokens]
+    for i in range(1, len(out) - 1):
+        if out[i] == "U" and out[i - 1][-1:] in ")]" and out[i + 1][:1] in "([":
+            out[i] = "\\cup"
+    return out
+
+
 def clean_formula(formula: str) -> tuple[str, bool]:
-    """Normalized formula, and whether dropped backslashes were restored (`frac { 1 } { 3 }`
-    -> `\\frac { 1 } { 3 }`): the sample answer keys omit them, and a model trained on the
-    rendered IM2LATEX form would otherwise have two spellings of one command."""
+    """Normalized formula, and whether it was respelled: dropped backslashes restored
+    (`frac { 1 } { 3 }` -> `\\frac { 1 } { 3 }`) and answer-key spellings mapped, since a
+    model trained on the rendered IM2LATEX form would otherwise have two spellings of one
+    symbol."""
     tokens = formula.split()
-    fixed = restore_backslashes(tokens)
+    fixed = restore_backslashes(answer_key_tokens(tokens))
     return normalize(" ".join(fixed)), fixed != tokens
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.custom import CustomDataError, label_images, load_id2formula, load_name2id
+from data.custom import CustomDataError, clean_formula, label_images, load_id2formula, load_name2id
 from data.render import render_formulas
 from model.checkpoint import load_checkpoint
 from tests.conftest import SHARED, run_script
@@ -60,7 +60,7 @@ def test_build_finetune_and_decode_to_json(sheets, tiny_model, tmp_path):
     data = tmp_path / "custom"
     p = build(sheets, data)
     assert "labelled images: 27, written: 27" in p.stdout
-    assert "restored backslashes: 18" in p.stdout  # frac/sqrt groups: 6 formulas x 3 copies
+    assert "answer-key symbols): 18" in p.stdout  # frac/sqrt groups: 6 formulas x 3 copies
     formulas = (data / "im2latex_formulas.norm.lst").read_text().split("\n")
     assert "\\frac { 1 } { 3 }" in formulas and "frac { 1 } { 3 }" not in formulas
     n_train = len((data / "im2latex_train_filter.lst").read_text().split("\n")) - 1
@@ -151,6 +151,17 @@ def test_unreadable_image_with_valid_key_is_reported(sheets, tmp_path):
                    sheets / "ID2FORMULA.json", "--images", images, "--data_path", tmp_path / "o",
                    "--quiet", check=False)
     assert "0_broken.png" in p.stderr and "written: 1" in p.stdout
+
+
+@pytest.mark.parametrize("key, expected", [
+    ("- frac { 2 } { 7 }", "- \\frac { 2 } { 7 }"),
+    ("3 sqrt { 5 7 }", "3 \\sqrt { 5 7 }"),
+    ("{{ x | x <= 2 }}", "\\{ x | x \\leq 2 \\}"),
+    ("( - inf , - 3 9 ] U ( 2 7 , + inf )", "( - \\infty , - 3 9 ] \\cup ( 2 7 , + \\infty )"),
+    ("U _ { 1 } >= 0", "U _ { 1 } \\geq 0"),  # a U that joins no intervals is a letter
+])
+def test_answer_key_spellings(key, expected):
+    assert clean_formula(key)[0] == expected
 
 
 def test_keys_are_parsed_not_evaluated(tmp_path):
