@@ -1,0 +1,325 @@
+"""Image processing shared by the renderer, the dataset preprocessor and inference.
+
+Every function takes and returns the in-memory convention of docs/design.md: a ``uint8``
+array of shape ``(H, W)``, white background (255), dark ink. The functions are pure: they
+never modify their input.
+
+The IM2LATEX-100K look (Deng et al.'s im2markup preprocessing) is, in the 200 dpi render's
+pixel space: every non-white pixel black, crop to the ink, pad 8 px, paste at the top-left of
+the smallest bucket (buckets are in output pixels, so x2 here), then halve with LANCZOS.
+``finish_render`` is exactly that chain; the renderer and ``normalize_user_image`` both end
+with it so that user images look like training images.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# (width, height) after the x2 downsampling, smallest first; see docs/design.md.
+BUCKETS: tuple[tuple[int, int], ...] = (
+    (120, 50), (160, 40), (200, 40), (200, 50), (240, 40), (240, 50), (280, 40), (280, 50),
+    (320, 40), (320, 50), (360, 40), (360, 50), (360, 60), (360, 100), (400, 50), (400, 160),
+    (500, 100), (500, 200), (600, 100), (800, 100), (800, 800),
+)
+
+# Refuse images above this many pixels before decoding them (decompression bombs).
+MAX_PIXELS = 50_000_000
+
+# glyph_size of rendered formulas in output pixels (12pt at 200 dpi, halved): the median over
+# IM2LATEX-100K test formulas rendered at 600 dpi (close to a sharp screenshot), divided by 3.
+# A user image is rescaled by the ratio of this to its own glyph_size.
+REFERENCE_GLYPH_SIZE = 9.0
+
+# User images are analysed at most this large (a formula at training scale is ~800 px wide).
+_ANALYSIS_SIDE = 2400
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; the message names the file so a batch job can say which."""
+
+
+def ink_bbox(img: np.ndarray, threshold: int = 255) -> tuple[int, int, int, int] | None:
+    """(top, bottom, left, right), half-open, of the pixels darker than ``threshold``.
+
+    The default counts every non-white pixel as ink, as the original cropping did.
+    """
+    ink = img < threshold
+    rows = np.flatnonzero(ink.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(ink.any(axis=0))
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
+def crop_to_ink(img: np.ndarray, threshold: int = 255) -> np.ndarray:
+    """Crop to the ink; a blank image has nothing to show a model, so it is an error."""
+    box = ink_bbox(img, threshold)
+    if box is None:
+        raise ImageError("image has no ink")
+    top, bottom, left, right = box
+    return img[top:bottom, left:right]
+
+
+def pad(img: np.ndarray, n: int) -> np.ndarray:
+    """White border of ``n`` px on every side."""
+    return np.pad(img, n, mode="constant", constant_values=255)
+
+
+def binarize(img: np.ndarray, threshold: int = 255) -> np.ndarray:
+    """Pixels darker than ``threshold`` become black, the rest white.
+
+    With the default every non-white pixel turns black: the original pipeline got that by
+    rendering with an alpha channel and then dropping it, which makes strokes slightly bold.
+    """
+    return np.where(img < threshold, 0, 255).astype(np.uint8)
+
+
+def downsample(img: np.ndarray, factor: int = 2) -> np.ndarray:
+    """Shrink by ``factor`` with LANCZOS, flooring odd sizes as the original did."""
+    if factor == 1:
+        return img.copy()
+    h, w = img.shape
+    size = (max(1, w // factor), max(1, h // factor))
+    return np.asarray(Image.fromarray(img).resize(size, Image.Resampling.LANCZOS))
+
+
+def bucket_size(width: int, height: int, scale: int = 1) -> tuple[int, int] | None:
+    """Smallest bucket (in ``scale``-times output pixels) holding the size, None if none does."""
+    for bw, bh in BUCKETS:
+        if width <= bw * scale and height <= bh * scale:
+            return bw * scale, bh * scale
+    return None
+
+
+def pad_to_bucket(img: np.ndarray, scale: int = 1) -> np.ndarray:
+    """Place the image at the top-left of its bucket, white elsewhere.
+
+    An image larger than every bucket is returned unchanged (as the original preprocessing
+    kept it): dropping it silently would lose data, and callers that need a bucket can test
+    ``bucket_size`` themselves.
+    """
+    h, w = img.shape
+    size = bucket_size(w, h, scale)
+    if size is None:
+        return img.copy()
+    out = np.full((size[1], size[0]), 255, np.uint8)
+    out[:h, :w] = img
+    return out
+
+
+def finish_render(
+    page: np.ndarray, pad_px: int = 8, factor: int = 2, bucket: bool = False
+) -> np.ndarray:
+    """A rasterized page (at ``factor`` x the output resolution) in the dataset's look.
+
+    Without a bucket the canvas is first widened to a multiple of ``factor`` (white at the
+    right and bottom), so the halving is exact and the pixels equal the bucketed image's.
+    """
+    img = pad(binarize(crop_to_ink(page)), pad_px)  # crop first: same result, less work
+    if bucket:
+        img = pad_to_bucket(img, scale=factor)
+    else:
+        h, w = img.shape
+        img = np.pad(img, ((0, -h % factor), (0, -w % factor)), constant_values=255)
+    return downsample(img, factor)
+
+
+# ---------------------------------------------------------------------------- file input
+
+
+def _open(src: str | Path | bytes, name: str) -> Image.Image:
+    """Decode with a size check first, so a bomb is refused before it is decompressed."""
+    try:
+        im = Image.open(io.BytesIO(src) if isinstance(src, bytes) else Path(src))
+        w, h = im.size
+        if w * h > MAX_PIXELS:
+            raise ImageError(f"{name}: {w}x{h} image is larger than {MAX_PIXELS} pixels")
+        im.load()
+    except ImageError:
+        raise
+    except FileNotFoundError as e:
+        raise ImageError(f"{name}: no such file") from e
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ImageError(f"{name}: not a readable image ({e})") from e
+    return im
+
+
+def _to_gray(im: Image.Image) -> np.ndarray:
+    """Any PIL mode to 8-bit gray; transparency is laid over the colour that keeps contrast."""
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if a.max() > 255 else 255.0
+        return np.clip(a * (255.0 / top), 0, 255).round().astype(np.uint8)
+    if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+        rgba = np.asarray(im.convert("RGBA"), dtype=np.float64)
+        alpha = rgba[..., 3:] / 255.0
+        lum = rgba[..., :3] @ np.array([0.299, 0.587, 0.114])
+        opaque = alpha[..., 0] > 0.5
+        # Light ink on transparency (made for dark themes) would vanish on white.
+        under = 0.0 if opaque.any() and lum[opaque].mean() > 128 else 255.0
+        gray = lum * alpha[..., 0] + under * (1.0 - alpha[..., 0])
+        return gray.round().astype(np.uint8)
+    return np.asarray(im.convert("L"))
+
+
+def _background_is_dark(img: np.ndarray) -> bool:
+    """Formula images are mostly background; the border ring is the most reliable sample."""
+    if min(img.shape) < 3:
+        return bool(np.median(img) < 128)
+    ring = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
+    return bool(np.median(ring) < 128)
+
+
+def load_image(src: str | Path | bytes, name: str | None = None) -> np.ndarray:
+    """Any PNG/JPEG/... a user has, as dark-on-white uint8 gray (HxW).
+
+    Handles palette, 16-bit, alpha, EXIF rotation and light-on-dark images (inverted).
+    Raises ImageError, naming the file, for anything unreadable or too large.
+    """
+    label = name or ("<bytes>" if isinstance(src, bytes) else str(src))
+    im = _open(src, label)
+    try:
+        im = ImageOps.exif_transpose(im)
+        gray = _to_gray(im)
+    except (OSError, ValueError) as e:
+        raise ImageError(f"{label}: cannot convert image ({e})") from e
+    if gray.size == 0:
+        raise ImageError(f"{label}: empty image")
+    return 255 - gray if _background_is_dark(gray) else gray
+
+
+def read_gray_png(path: str | Path) -> np.ndarray:
+    """A dataset image as uint8 gray; the datasets ship RGB or L PNGs of gray content."""
+    im = _open(path, str(path))
+    try:
+        return np.asarray(im.convert("L"))
+    except (OSError, ValueError) as e:
+        raise ImageError(f"{path}: cannot convert image ({e})") from e
+
+
+# -------------------------------------------------------------- user images at inference
+
+
+def otsu_threshold(img: np.ndarray) -> int:
+    """Gray level that best separates ink from background (Otsu), for noisy or gray paper."""
+    hist = np.bincount(img.ravel(), minlength=256).astype(np.float64)
+    levels = np.arange(256, dtype=np.float64)
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * levels)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (m0 / w0 - (m0[-1] - m0) / w1) ** 2 * w0 * w1
+    between = np.nan_to_num(between[:-1])
+    return int(np.argmax(between)) + 1
+
+
+def component_boxes(mask: np.ndarray) -> np.ndarray:
+    """(top, left, height, width) of each 8-connected component of a boolean mask, by
+    run-length union-find: pure numpy/Python so inference needs no scipy, and cheap for
+    formula images, whose cost grows with the number of ink runs."""
+    parent: list[int] = []
+    box: list[list[int]] = []  # top, bottom, left, right (inclusive) per label
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    prev: list[tuple[int, int, int]] = []  # (start, end exclusive, label) of the row above
+    padded = np.zeros(mask.shape[1] + 2, np.int8)
+    for y, row in enumerate(mask):
+        padded[1:-1] = row
+        edges = np.diff(padded)
+        runs: list[tuple[int, int, int]] = []
+        j = 0
+        for s, e in zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()):
+            while j < len(prev) and prev[j][1] < s:
+                j += 1
+            label = -1
+            k = j
+            while k < len(prev) and prev[k][0] <= e:  # 8-connected: touching diagonally too
+                root = find(prev[k][2])
+                if label < 0:
+                    label = root
+                elif root != label:
+                    parent[root] = label
+                    a, b = box[label], box[root]
+                    box[label] = [min(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]),
+                                  max(a[3], b[3])]
+                k += 1
+            if label < 0:
+                label = len(parent)
+                parent.append(label)
+                box.append([y, y, s, e - 1])
+            b = box[label]
+            box[label] = [b[0], y, min(b[2], s), max(b[3], e - 1)]
+            runs.append((s, e, label))
+        prev = runs
+    roots = sorted({find(i) for i in range(len(parent))})
+    return np.array(
+        [[box[r][0], box[r][2], box[r][1] - box[r][0] + 1, box[r][3] - box[r][2] + 1]
+         for r in roots], dtype=np.int64).reshape(-1, 4)
+
+
+def _glyph_boxes(mask: np.ndarray) -> np.ndarray:
+    """Component boxes without specks: anything under a fifth of the typical component
+    (JPEG noise, dust; a period or an i's dot is larger than that)."""
+    boxes = component_boxes(mask)
+    if boxes.size == 0:
+        raise ImageError("image has no ink")
+    big = boxes[:, 2:].max(axis=1)
+    return boxes[big >= 0.2 * np.median(big)]
+
+
+def glyph_size(boxes: np.ndarray) -> float:
+    """A scale-proportional size of the glyphs, in pixels, from component boxes.
+
+    The geometric mean of two robust statistics (75th percentile of heights, median of
+    sqrt(height*width)). Across IM2LATEX test formulas it varies by ~15% (letter mix,
+    sub/superscripts), which bounds the scale error; with very few components (a lone
+    handwritten root) it is rougher still.
+    """
+    heights, widths = boxes[:, 2].astype(np.float64), boxes[:, 3].astype(np.float64)
+    tall = float(np.percentile(heights, 75))
+    area = float(np.median(np.sqrt(heights * widths)))
+    return float(np.sqrt(tall * area))
+
+
+def normalize_user_image(
+    img: np.ndarray, bucket: bool = False, pad_px: int = 8, factor: int = 2,
+    coverage: float = 0.25,
+) -> np.ndarray:
+    """A user's formula image rescaled and styled like the renderer's output.
+
+    The model only saw 12pt formulas at one size, so the glyph scale is estimated (glyph_size
+    against REFERENCE_GLYPH_SIZE) and the image is resampled to ``factor`` x the training
+    resolution; there pixels with at least ``coverage`` ink become black and the result is
+    finished exactly like a render (crop, pad, optional bucket, LANCZOS halving).
+    """
+    longest = max(img.shape)
+    if longest > _ANALYSIS_SIDE:  # bounds the cost of the component analysis below
+        h, w = img.shape
+        f = _ANALYSIS_SIDE / longest
+        img = np.asarray(Image.fromarray(img).resize(
+            (max(1, round(w * f)), max(1, round(h * f))), Image.Resampling.LANCZOS))
+    level = otsu_threshold(img)
+    ink = img < level
+    boxes = _glyph_boxes(ink)
+    top, left = boxes[:, 0].min(), boxes[:, 1].min()
+    bottom, right = (boxes[:, 0] + boxes[:, 2]).max(), (boxes[:, 1] + boxes[:, 3]).max()
+    crop, ink = img[top:bottom, left:right], ink[top:bottom, left:right]
+    scale = factor * REFERENCE_GLYPH_SIZE / glyph_size(boxes)
+    h, w = crop.shape
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    big = np.asarray(Image.fromarray(crop).resize(size, Image.Resampling.LANCZOS))
+    paper = float(np.median(crop[~ink])) if (~ink).any() else 255.0
+    dark = float(np.percentile(crop[ink], 5))
+    binary = np.where(big < paper - coverage * (paper - dark), 0, 255).astype(np.uint8)
+    if not (binary < 255).any():
+        raise ImageError("image has no ink after rescaling")
+    return finish_render(binary, pad_px=pad_px, factor=factor, bucket=bucket)

@@ -1,0 +1,250 @@
+"""data.image: the dataset look, user-image loading and scale normalization."""
+
+import io
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data.image import (
+    BUCKETS,
+    MAX_PIXELS,
+    ImageError,
+    binarize,
+    bucket_size,
+    component_boxes,
+    crop_to_ink,
+    downsample,
+    finish_render,
+    ink_bbox,
+    load_image,
+    normalize_user_image,
+    otsu_threshold,
+    pad,
+    pad_to_bucket,
+    read_gray_png,
+)
+
+HAVE_TEX = shutil.which("pdflatex") is not None and shutil.which("gs") is not None
+
+
+def blank(h: int = 20, w: int = 30) -> np.ndarray:
+    return np.full((h, w), 255, np.uint8)
+
+
+def png_bytes(im: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def glyph_page() -> np.ndarray:
+    """Dark-on-white test picture: a bar and a block, with an anti-aliased (gray) edge."""
+    img = blank(40, 60)
+    img[10:30, 10:14] = 0
+    img[10:30, 14] = 128
+    img[20:24, 30:50] = 0
+    return img
+
+
+# ------------------------------------------------------------------- dataset pipeline
+
+
+def test_buckets_match_design_doc():
+    assert len(BUCKETS) == 21
+    assert BUCKETS[0] == (120, 50) and BUCKETS[-1] == (800, 800)
+    assert (360, 60) in BUCKETS and (400, 160) in BUCKETS
+
+
+def test_crop_to_ink_finds_the_exact_box():
+    img = glyph_page()
+    assert ink_bbox(img) == (10, 30, 10, 50)
+    assert crop_to_ink(img).shape == (20, 40)
+    assert ink_bbox(img, threshold=100) == (10, 30, 10, 50)
+    assert ink_bbox(blank()) is None
+    with pytest.raises(ImageError):
+        crop_to_ink(blank())
+
+
+def test_pad_and_binarize():
+    img = glyph_page()
+    padded = pad(img, 8)
+    assert padded.shape == (56, 76) and (padded[:8] == 255).all()
+    b = binarize(img)
+    assert set(np.unique(b)) == {0, 255}
+    assert b[15, 14] == 0  # any non-white pixel is ink, as in the original dataset
+    assert binarize(img, threshold=100)[15, 14] == 255
+
+
+def test_downsample_floors_sizes_and_uses_lanczos():
+    img = blank(41, 61)
+    img[20:22, 30:32] = 0
+    small = downsample(img, 2)
+    assert small.shape == (20, 30)
+    # LANCZOS leaves gray levels (and slight ringing), a box filter would not ring
+    assert small.min() < 128 and len(np.unique(small)) > 3
+    assert (downsample(img, 1) == img).all()
+
+
+def test_bucket_placement_top_left_white_fill():
+    img = np.zeros((30, 100), np.uint8)
+    assert bucket_size(100, 30) == (120, 50)
+    assert bucket_size(130, 30) == (160, 40)
+    assert bucket_size(130, 30, scale=2) == (240, 100)
+    out = pad_to_bucket(img)
+    assert out.shape == (50, 120)
+    assert (out[:30, :100] == 0).all() and (out[30:] == 255).all() and (out[:, 100:] == 255).all()
+
+
+def test_image_larger_than_every_bucket_is_kept_as_is():
+    img = np.zeros((900, 100), np.uint8)
+    assert bucket_size(100, 900) is None
+    assert pad_to_bucket(img).shape == (900, 100)
+
+
+def test_finish_render_is_crop_pad_bucket_halve():
+    page = blank(400, 600)
+    page[100:140, 200:400] = 0
+    out = finish_render(page, pad_px=8, factor=2, bucket=False)
+    assert out.shape == ((40 + 16) // 2, (200 + 16) // 2)
+    page[100, 400] = 0  # odd width: a white column is added, not a fractional scale
+    assert finish_render(page).shape == ((40 + 16) // 2, (200 + 17 + 1) // 2)
+    assert out[4:-4, 4:-4].max() < 50 and out[0].min() > 240  # ink starts after the pad
+    assert finish_render(page, bucket=True).shape == (50, 120)
+
+
+# ------------------------------------------------------------------------- loading
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "P", "I;16", "CMYK"])
+def test_load_image_modes_give_dark_on_white(mode):
+    src = Image.fromarray(glyph_page())
+    im = src.convert(mode) if mode != "I;16" else Image.fromarray(
+        glyph_page().astype(np.uint16) * 257)
+    if mode == "I;16":
+        assert im.mode in ("I;16", "I")
+    out = load_image(png_bytes(im, "TIFF" if mode == "CMYK" else "PNG"))
+    assert out.dtype == np.uint8 and out.shape == (40, 60)
+    assert out[0, 0] > 240 and out[15, 11] < 15
+
+
+def test_load_image_composites_alpha_on_white():
+    rgba = np.zeros((40, 60, 4), np.uint8)  # transparent black everywhere
+    rgba[10:30, 10:14, 3] = 255  # opaque black bar
+    out = load_image(png_bytes(Image.fromarray(rgba, "RGBA")))
+    assert out[0, 0] == 255 and out[15, 11] == 0
+
+
+def test_load_image_light_ink_on_transparency_stays_visible():
+    rgba = np.zeros((40, 60, 4), np.uint8)
+    rgba[10:30, 10:14] = (255, 255, 255, 255)  # white ink for a dark theme
+    out = load_image(png_bytes(Image.fromarray(rgba, "RGBA")))
+    assert out[0, 0] > 240 and out[15, 11] < 15
+
+
+def test_load_image_palette_with_transparency():
+    p = Image.fromarray(glyph_page()).convert("P")
+    p.info["transparency"] = int(np.asarray(p)[0, 0])  # background index transparent
+    out = load_image(png_bytes(p))
+    assert out[0, 0] > 240 and out[15, 11] < 15
+
+
+def test_load_image_inverts_light_on_dark(tmp_path):
+    path = tmp_path / "dark.jpg"
+    Image.fromarray(255 - glyph_page()).convert("RGB").save(path, quality=95)
+    out = load_image(path)
+    assert out[0, 0] > 230 and out[15, 11] < 40
+
+
+def test_load_image_errors_name_the_file(tmp_path):
+    text = tmp_path / "notes.png"
+    text.write_text("not a picture")
+    with pytest.raises(ImageError, match="notes.png"):
+        load_image(text)
+    with pytest.raises(ImageError, match="missing.png"):
+        load_image(tmp_path / "missing.png")
+    truncated = tmp_path / "cut.png"
+    truncated.write_bytes(png_bytes(Image.fromarray(glyph_page()))[:60])
+    with pytest.raises(ImageError, match="cut.png"):
+        load_image(truncated)
+    with pytest.raises(ImageError, match="upload"):
+        load_image(b"\x89PNG garbage", name="upload")
+
+
+def test_huge_image_is_refused_before_decoding(tmp_path):
+    path = tmp_path / "bomb.png"
+    Image.new("1", (8000, 7000), 1).save(path)  # 56 MP, a few kB on disk
+    assert 8000 * 7000 > MAX_PIXELS
+    with pytest.raises(ImageError, match="bomb.png.*larger than"):
+        load_image(path)
+    with pytest.raises(ImageError, match="larger than"):
+        read_gray_png(path)
+    assert Image.MAX_IMAGE_PIXELS is None or Image.MAX_IMAGE_PIXELS > MAX_PIXELS  # untouched
+
+
+def test_read_gray_png(tmp_path):
+    path = tmp_path / "a.png"
+    Image.fromarray(glyph_page()).convert("RGB").save(path)
+    img = read_gray_png(path)
+    assert img.shape == (40, 60) and img.dtype == np.uint8 and img[15, 11] == 0
+    with pytest.raises(ImageError, match="nope.png"):
+        read_gray_png(tmp_path / "nope.png")
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    with pytest.raises(ImageError, match="bad.png"):
+        read_gray_png(bad)
+
+
+# ------------------------------------------------------------------ normalization
+
+
+def test_otsu_threshold_splits_two_levels():
+    img = np.full((10, 10), 220, np.uint8)
+    img[2:5, 2:8] = 40
+    t = otsu_threshold(img)
+    assert 40 < t <= 220
+    assert ((img < t) == (img == 40)).all()
+
+
+def test_component_boxes_counts_diagonal_neighbours():
+    mask = np.zeros((12, 12), bool)
+    mask[1:4, 1:3] = True  # 3x2
+    mask[4, 3] = True  # touches the first diagonally
+    mask[7:12, 7:9] = True  # 5x2, separate
+    boxes = sorted(map(tuple, component_boxes(mask)))
+    assert boxes == [(1, 1, 4, 3), (7, 7, 5, 2)]
+    assert component_boxes(np.zeros((3, 3), bool)).shape == (0, 4)
+    u = np.zeros((6, 7), bool)  # a U: two runs that merge lower down
+    u[0:5, 0] = u[0:5, 6] = u[5, 0:7] = True
+    assert component_boxes(u).tolist() == [[0, 0, 6, 7]]
+
+
+def test_normalize_blank_image_is_an_error():
+    with pytest.raises(ImageError):
+        normalize_user_image(blank())
+
+
+@pytest.mark.skipif(not HAVE_TEX, reason="needs pdflatex and gs")
+def test_normalize_user_image_recovers_the_training_scale():
+    from data.render import render_formulas
+
+    # The scale estimate is statistical (glyph mix): ~15% typical error, hence the bounds.
+    formula = r"\int _ { 0 } ^ { \infty } e ^ { - x ^ { 2 } } d x = \frac { \sqrt { \pi } } { 2 }"
+    (render,) = render_formulas([formula])
+    assert render is not None
+    h, w = render.shape
+    big = np.asarray(Image.fromarray(render).resize((w * 3, h * 3), Image.Resampling.BICUBIC))
+    screenshot = 255 - np.pad(big, ((40, 90), (120, 60)), constant_values=255)  # dark mode
+    user = load_image(png_bytes(Image.fromarray(screenshot).convert("RGB")))
+    assert user[0, 0] > 240  # inverted back to dark on white
+    out = normalize_user_image(user)
+    assert 0.8 < out.shape[0] / h < 1.2 and 0.8 < out.shape[1] / w < 1.2
+    assert out[:2].min() > 200 and out[:, :2].min() > 200  # margins gone, 8 px pad back
+    speckled = user.copy()
+    speckled[3:5, 3:5] = 0  # dust in the margin is not part of the formula
+    assert normalize_user_image(speckled).shape == out.shape
+    ink = np.argwhere(out < 128)
+    assert 2 <= ink[:, 0].min() <= 6 and 2 <= ink[:, 1].min() <= 6
+    bucketed = normalize_user_image(user, bucket=True)
+    assert (bucketed.shape[1], bucketed.shape[0]) in BUCKETS
