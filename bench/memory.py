@@ -5,10 +5,12 @@
 Writes synthetic shards shaped like IM2LATEX-100K's training split (same image count, the
 real bucket sizes in realistic proportions), then, in a fresh process, loads them through
 `FormulaDataset` and a 2-worker DataLoader, draws `--batches` batches, and reads the process
-tree's memory from /proc. Anonymous (private) memory is the real cost; file-backed pages are
-the shards' page cache, shared between workers and reclaimable. luopeixiang/im2latex keeps
-every image as a 3-channel float32 tensor in RAM; its figure is computed from the same image
-sizes (materializing 12 GB here would prove nothing but the arithmetic).
+tree's proportional memory from /proc above the baseline of a process that has imported
+torch. Anonymous memory is the real cost; the shards' resident pages are page cache, shared
+between workers and reclaimable (the kernel's fault-around maps cached neighbours of each page
+read, so this overstates what a batch touches). luopeixiang/im2latex keeps every image as a
+3-channel float32 tensor in RAM; its figure is computed from the same image sizes
+(materializing 12 GB here would prove nothing but the arithmetic).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ def write_synthetic(out: Path, n: int, seed: int = 0) -> list[tuple[int, int]]:
     buckets, sizes = [], []
     for ((h, w), _), c in zip(SIZES, counts):
         fname = f"{h}x{w}.npy"
+        c = int(c)
         arr = np.lib.format.open_memmap(out / fname, mode="w+", dtype=np.uint8, shape=(c, h, w))
         stroke = np.where(rng.random((64, h, w)) < 0.08, 0, 255).astype(np.uint8)
         for i in range(0, c, 64):
@@ -53,33 +56,43 @@ def write_synthetic(out: Path, n: int, seed: int = 0) -> list[tuple[int, int]]:
         formula = " ".join(["x", "^", "{", "2", "}", "+"] * 8)
         buckets.append({"file": fname, "height": h, "width": w,
                         "names": [f"{h}x{w}_{i}.png" for i in range(c)],
-                        "formulas": [formula] * int(c)})
-        sizes += [(h, w)] * int(c)
+                        "formulas": [formula] * c})
+        sizes += [(h, w)] * c
     (out / "index.json").write_text(json.dumps({"version": 1, "split": "train",
                                                 "buckets": buckets}))
     return sizes
 
 
-def tree_memory(pid: int) -> dict[str, int]:
-    """RssAnon / RssFile of a process and its children, in bytes."""
-    total = {"RssAnon": 0, "RssFile": 0}
-    pids = [pid]
+def tree_pids(pid: int) -> list[int]:
     children = Path(f"/proc/{pid}/task/{pid}/children")
-    if children.exists():
-        pids += [int(p) for p in children.read_text().split()]
-    for p in pids:
+    return [pid] + ([int(p) for p in children.read_text().split()] if children.exists() else [])
+
+
+def tree_memory(pid: int) -> dict[str, int]:
+    """Proportional set size of a process and its children, in bytes: anonymous memory, and
+    the resident pages of the shard files. PSS splits a page shared by N processes N ways, so
+    forked DataLoader workers are not counted N times for the same page."""
+    total = {"anon": 0, "shards": 0}
+    for p in tree_pids(pid):
         try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                key = line.split(":")[0]
-                if key in total:
-                    total[key] += int(line.split()[1]) * 1024
-        except FileNotFoundError:
+            rollup = Path(f"/proc/{p}/smaps_rollup").read_text().splitlines()
+            total["anon"] += sum(int(ln.split()[1]) * 1024 for ln in rollup
+                                 if ln.startswith("Pss_Anon:"))
+            in_shard = False
+            for ln in Path(f"/proc/{p}/smaps").read_text().splitlines():
+                head = ln.split()
+                if head and "-" in head[0] and ":" not in head[0]:  # a mapping's header line
+                    in_shard = ln.rstrip().endswith(".npy")
+                elif in_shard and ln.startswith("Pss:"):
+                    total["shards"] += int(head[1]) * 1024
+        except (FileNotFoundError, ProcessLookupError):
             pass
     return total
 
 
 def measure(shard_dir: Path, batches: int) -> None:
-    """Runs in a child process: load the split, draw batches with 2 workers, print memory."""
+    """Runs in a child process: load the split, draw batches with 2 workers, print memory
+    above the baseline of an interpreter that has imported torch and the project."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -87,6 +100,7 @@ def measure(shard_dir: Path, batches: int) -> None:
     from data.vocab import Vocab
 
     torch.set_num_threads(1)
+    base = tree_memory(os.getpid())
     vocab = Vocab.build(["x ^ { 2 } +"])
     ds = FormulaDataset(shard_dir, vocab, max_len=150)
     loaded = tree_memory(os.getpid())
@@ -98,7 +112,7 @@ def measure(shard_dir: Path, batches: int) -> None:
         if k % 20 == 0:
             m = tree_memory(os.getpid())
             peak = {key: max(peak[key], m[key]) for key in peak}
-    print(json.dumps({"images": len(ds), "loaded": loaded, "peak": peak}))
+    print(json.dumps({"images": len(ds), "base": base, "loaded": loaded, "peak": peak}))
 
 
 def main() -> None:
@@ -119,16 +133,16 @@ def main() -> None:
                          check=True, cwd=ROOT)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     pickled = sum(3 * 4 * h * w for h, w in sizes)
-    gib = 1024 ** 3
+    gib, mib = 1024 ** 3, 1024 ** 2
+    base, loaded, peak = r["base"], r["loaded"], r["peak"]
     print(f"images: {r['images']}, shards on disk: {disk / gib:.2f} GiB")
-    print(f"after loading: anon {r['loaded']['RssAnon'] / gib:.3f} GiB, "
-          f"file-backed {r['loaded']['RssFile'] / gib:.3f} GiB")
-    print(f"peak over {args.batches} batches (main + 2 workers): anon "
-          f"{r['peak']['RssAnon'] / gib:.3f} GiB, file-backed {r['peak']['RssFile'] / gib:.3f} GiB")
-    ours = r["peak"]["RssAnon"] + r["peak"]["RssFile"]
-    print(f"memory: ours {ours / gib:.2f} GiB resident (peak, all processes), "
-          f"float32 3-channel pickle {pickled / gib:.1f} GiB, {pickled / ours:.0f}x less")
-
+    print(f"loading the split: +{(loaded['anon'] - base['anon']) / mib:.0f} MiB anonymous")
+    print(f"peak over {args.batches} batches of 32 (main + 2 workers): "
+          f"+{(peak['anon'] - base['anon']) / mib:.0f} MiB anonymous over the baseline, "
+          f"{peak['shards'] / mib:.0f} MiB of shard pages resident (page cache, shared)")
+    ours = peak["anon"] - base["anon"] + peak["shards"]
+    print(f"memory: ours {ours / mib:.0f} MiB for {r['images']} images, float32 3-channel "
+          f"tensors {pickled / gib:.1f} GiB, {pickled / ours:.0f}x less")
 
 if __name__ == "__main__":
     main()
