@@ -41,7 +41,7 @@ from model.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from model.im2latex import Im2Latex, ModelConfig
+from model.im2latex import Im2Latex, ModelConfig, bf16_is_native
 from model.sampling import teacher_forcing_ratio
 
 # Flags that define a run: --from_check_point takes them from the checkpoint unless they are
@@ -89,7 +89,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--print_freq", type=int, default=100, help="log to stdout every N steps")
     p.add_argument("--workers", type=int, default=2, help="data loader processes")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--no_amp", action="store_true", help="disable mixed precision on CUDA")
+    p.add_argument("--amp", default="auto", choices=["auto", "on", "off"],
+                   help="bf16 autocast of the encoder (auto: where the hardware has bf16)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
 def train(args: argparse.Namespace, d: Dist) -> int:
     data_dir, save_dir = Path(args.data_path), Path(args.save_dir)
     cuda = d.device.type == "cuda"
-    amp = cuda and not args.no_amp
+    amp = args.amp == "on" or (args.amp == "auto" and bf16_is_native(d.device))
     log = print if d.main else (lambda *a, **k: None)
 
     # --- the model, the vocabulary, and where we start from
@@ -292,7 +293,8 @@ def train(args: argparse.Namespace, d: Dist) -> int:
     params = [p for p in model.parameters() if p.requires_grad]
     net = DDP(model, device_ids=[d.device] if cuda else None) if d.world > 1 else model
     log(f"model: {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters, "
-        f"vocabulary {len(vocab)}, device {d.device}, {d.world} process(es)")
+        f"vocabulary {len(vocab)}, device {d.device}, {d.world} process(es), "
+        f"bf16 encoder {'on' if amp else 'off'}")
 
     # --- data: one size bucket per batch, order fixed by (seed, epoch)
     train_ds = FormulaDataset(data_dir / "shards" / "train", vocab, max_len=args.max_len)

@@ -1,0 +1,45 @@
+"""The CNN encoder: luopeixiang/im2latex's five 3x3 convolutions, one input channel.
+
+Shapes for a 64 x 320 image: 64x320 -> pool 33x161 -> pool 17x81 -> pool(2,1) 8x81 -> last conv
+(no padding) 6x79, i.e. L = 474 feature vectors of `out_dim` channels.  The (2, 1) pool halves only
+the height: formulas are long and short, so the width keeps more resolution than the height.
+"""
+
+import torch.nn as nn
+from torch import Tensor
+
+
+def _conv(c_in: int, c_out: int, padding: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, kernel_size=3, stride=1, padding=padding), nn.ReLU()]
+
+
+class Encoder(nn.Module):
+    """Images B x C_in x H x W (float) -> features B x out_dim x H' x W'.
+
+    `widths` are the channels of the first four convolutions; the fifth outputs `out_dim`.
+    The last convolution has no padding, so images must be at least 18 pixels high and 6 wide.
+    """
+
+    def __init__(
+        self,
+        widths: tuple[int, ...] = (64, 128, 256, 256),
+        out_dim: int = 512,
+        in_channels: int = 1,
+    ):
+        super().__init__()
+        if len(widths) != 4:
+            raise ValueError(f"cnn_widths needs 4 entries, got {widths}")
+        w1, w2, w3, w4 = widths
+        self.net = nn.Sequential(
+            *_conv(in_channels, w1),
+            nn.MaxPool2d(kernel_size=2, stride=2, padding=1),
+            *_conv(w1, w2),
+            nn.MaxPool2d(kernel_size=2, stride=2, padding=1),
+            *_conv(w2, w3),
+            *_conv(w3, w4),
+            nn.MaxPool2d(kernel_size=(2, 1), stride=(2, 1)),
+            *_conv(w4, out_dim, padding=0),
+        )
+
+    def forward(self, imgs: Tensor) -> Tensor:
+        return self.net(imgs)
