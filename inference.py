@@ -41,6 +41,9 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", metavar="OUT", help='write {"results": [...]} to this file')
     p.add_argument("--answer", metavar="LATEX",
                    help="expected formula: adds \"match\" to each result")
+    p.add_argument("--answer_key", metavar="JSON",
+                   help='expected formulas by image or folder name: {"NAME": "LATEX", ...}; '
+                        'adds "answer" and "match"')
     p.add_argument("--no_normalize", action="store_true",
                    help="feed images as they are (already in the training format)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -73,16 +76,37 @@ def expand(paths: list[str]) -> tuple[list[Path], list[str]]:
     return files, problems
 
 
+def load_answer_key(path: str) -> dict[str, str]:
+    """Name -> normalized expected formula. Names are image file names or folder names, so one
+    key can hold an answer per exam question (folder) and exceptions per sheet (image)."""
+    try:
+        key = json.loads(Path(path).read_text(encoding="utf-8-sig"))
+    except FileNotFoundError:
+        raise ValueError(f"--answer_key {path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"--answer_key {path}: malformed JSON: {e}") from None
+    if not isinstance(key, dict) or not all(isinstance(v, str) for v in key.values()):
+        raise ValueError(f'--answer_key {path}: expected {{"NAME": "LATEX", ...}}')
+    try:
+        return {str(k): normalize(v) for k, v in key.items()}
+    except NormalizeError as e:
+        raise ValueError(f"--answer_key {path}: {e}") from None
+
+
+def expected_answer(path: str, answer: str | None, key: dict[str, str]) -> str | None:
+    p = Path(path)
+    return key.get(p.name, key.get(p.parent.name, answer))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = get_args(argv)
     files, problems = expand(args.paths)
-    answer = None
-    if args.answer is not None:
-        try:
-            answer = normalize(args.answer)
-        except NormalizeError as e:
-            print(f"error: --answer: {e}", file=sys.stderr)
-            return 1
+    try:
+        answer = normalize(args.answer) if args.answer is not None else None
+        key = load_answer_key(args.answer_key) if args.answer_key else {}
+    except (NormalizeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     names, images, failed = [], [], []
     for f in files:
         try:
@@ -105,8 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for name, pred in zip(names, preds):
         r = {"name": name, "predict": pred.latex, "score": round(pred.score, 4)}
-        if answer is not None:
-            r["match"] = pred.latex.split() == answer.split()
+        expected = expected_answer(name, answer, key)
+        if expected is not None:
+            r["answer"], r["match"] = expected, pred.latex.split() == expected.split()
         results.append(r)
     if args.json:
         doc = {"results": results, "errors": [{"name": n} for n in failed]}

@@ -23,6 +23,7 @@ import torch
 
 from bench.baseline import BaselineIm2Latex, copy_weights
 from model import Im2Latex, ModelConfig
+from model.im2latex import bf16_is_native
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,7 +39,9 @@ def parser(description: str, steps: int, warmup: int) -> argparse.ArgumentParser
     p.add_argument("--vocab", type=int, default=500)
     p.add_argument("--steps", type=int, default=steps, help="timed repetitions per side")
     p.add_argument("--warmup", type=int, default=warmup, help="untimed repetitions first")
-    p.add_argument("--amp", type=int, default=1, help="ours: bf16 autocast for the CNN (0/1)")
+    p.add_argument("--amp", type=int, default=int(bf16_is_native("cpu")),
+                   help="ours: bf16 autocast for the CNN (0/1; default: 1 where the CPU has bf16,"
+                        " as train.py --amp auto)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--baseline_repo",

@@ -91,6 +91,22 @@ def test_build_finetune_and_decode_to_json(sheets, tiny_model, tmp_path):
         assert set(r) >= {"name", "predict", "score", "match"} and isinstance(r["match"], bool)
         assert r["match"] == (r["predict"] == "\\sqrt { 2 }")
 
+    # an answer key: per folder, with a per-image exception; keys are normalized too
+    key = tmp_path / "key.json"
+    key.write_text(json.dumps({"roots": "\\sqrt{3}", "sets": "\\{5\\}", "0_000.png": "x"}))
+    run_script("inference.py", "--model_path", run / "last.pt", sheets / "images" / "roots",
+               sheets / "images" / "sets", "--json", out, "--answer_key", key, "--beam_size", "1")
+    results = json.loads(out.read_text())["results"]
+    answers = {r["name"].split("/")[-2] + "/" + r["name"].split("/")[-1]: r["answer"]
+               for r in results}
+    assert answers["roots/1_000.png"] == "\\sqrt { 3 }" and answers["sets/2_001.png"] == "\\{ 5 \\}"
+    assert answers["roots/0_000.png"] == "x" and answers["sets/0_000.png"] == "x"
+    assert all(r["match"] == (r["predict"] == r["answer"]) for r in results)
+    key.write_text("{broken")
+    p = run_script("inference.py", "--model_path", run / "last.pt", sheets / "images" / "roots",
+                   "--answer_key", key, check=False)
+    assert p.returncode == 1 and "malformed JSON" in p.stderr
+
 
 def test_single_label_appends(sheets, tmp_path):
     data = tmp_path / "single"
