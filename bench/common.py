@@ -39,9 +39,10 @@ def parser(description: str, steps: int, warmup: int) -> argparse.ArgumentParser
     p.add_argument("--vocab", type=int, default=500)
     p.add_argument("--steps", type=int, default=steps, help="timed repetitions per side")
     p.add_argument("--warmup", type=int, default=warmup, help="untimed repetitions first")
-    p.add_argument("--amp", type=int, default=int(bf16_is_native("cpu")),
-                   help="ours: bf16 autocast for the CNN (0/1; default: 1 where the CPU has bf16,"
-                        " as train.py --amp auto)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (both sides run there)")
+    p.add_argument("--amp", type=int, default=-1,
+                   help="ours: bf16 autocast for the CNN (0/1; default: 1 where the device has "
+                        "bf16, as train.py --amp auto)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--baseline_repo",
@@ -50,6 +51,13 @@ def parser(description: str, steps: int, warmup: int) -> argparse.ArgumentParser
     )
     p.add_argument("--side", default=None, help=argparse.SUPPRESS)  # set for the subprocesses
     return p
+
+
+def parse(p: argparse.ArgumentParser) -> argparse.Namespace:
+    args = p.parse_args()
+    if args.amp < 0:
+        args.amp = int(bf16_is_native(args.device))
+    return args
 
 
 def build_models(args: argparse.Namespace) -> tuple[Im2Latex, torch.nn.Module]:
@@ -62,7 +70,7 @@ def build_models(args: argparse.Namespace) -> tuple[Im2Latex, torch.nn.Module]:
         cls = BaselineIm2Latex
     theirs = cls(args.vocab, 80, 512, enc_out_dim=512, add_pos_feat=False, dropout=0.0)
     copy_weights(ours, theirs)
-    return ours, theirs
+    return ours.to(args.device), theirs.to(args.device)
 
 
 def load_reference(repo: str) -> type:
@@ -79,19 +87,23 @@ def images(args: argparse.Namespace) -> torch.Tensor:
     g = torch.Generator().manual_seed(args.seed + 1)
     imgs = torch.full((args.batch, 1, args.height, args.width), 255, dtype=torch.uint8)
     ink = torch.rand(imgs.shape, generator=g) < 0.15
-    return imgs.masked_fill(ink, 0)
+    return imgs.masked_fill(ink, 0).to(args.device)
 
 
 def time_side(run: Callable[[], object], args: argparse.Namespace) -> dict:
     """Run `run` warmup + steps times.  Reports the best repetition (on a shared CPU other
     processes only ever add time), the median, CPU seconds of the best one, and this process's
     peak RSS."""
+    cuda = torch.device(args.device).type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)  # time the work, not its launch
     for _ in range(args.warmup):
         run()
+    sync()
     walls, cpus = [], []
     for _ in range(args.steps):
         wall, cpu = time.perf_counter(), time.process_time()
         run()
+        sync()
         walls.append(time.perf_counter() - wall)
         cpus.append(time.process_time() - cpu)
     best = min(range(len(walls)), key=walls.__getitem__)
@@ -101,6 +113,7 @@ def time_side(run: Callable[[], object], args: argparse.Namespace) -> dict:
         "cpu_s": cpus[best],
         "img_per_s": args.batch / walls[best],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
     }
 
 
@@ -124,4 +137,5 @@ def run_side(module: str, side: str, argv: list[str]) -> dict:
 def describe(name: str, r: dict) -> str:
     return (f"  {name:16s} {r['img_per_s']:7.2f} img/s  best {r['wall_s']:6.2f} s/batch "
             f"(median {r['median_wall_s']:6.2f}, cpu {r['cpu_s']:6.2f})  "
-            f"peak RSS {r['peak_rss_mb']:5.0f} MB")  # fmt: skip
+            f"peak RSS {r['peak_rss_mb']:5.0f} MB"
+            + (f", GPU {r['gpu_peak_mb']:6.0f} MB" if r.get("gpu_peak_mb") else ""))  # fmt: skip

@@ -17,7 +17,17 @@ if __package__ in (None, ""):  # run as `python bench/decode_speed.py`: make the
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.baseline import baseline_beam_search, baseline_greedy, to_rgb
-from bench.common import BOS, EOS, build_models, child_main, describe, images, parser, run_side
+from bench.common import (
+    BOS,
+    EOS,
+    build_models,
+    child_main,
+    describe,
+    images,
+    parse,
+    parser,
+    run_side,
+)
 
 
 def _ours(mode: str):
@@ -59,12 +69,13 @@ def main() -> None:
     p.add_argument("--max_len", type=int, default=100, help="the same for both sides")
     p.add_argument("--beam_size", type=int, default=5)
     p.add_argument("--modes", default="beam,greedy")
-    args = p.parse_args()
+    args = parse(p)
     if args.side:
         return child_main(args, SIDES)
     baseline_name = args.baseline_repo or "stand-in (bench/baseline.py)"
     print(f"decode_speed: batch {args.batch}, {args.height}x{args.width}, max_len {args.max_len}, "
-          f"beam {args.beam_size}, vocab {args.vocab}, {args.threads} threads, amp={args.amp}, "
+          f"beam {args.beam_size}, vocab {args.vocab}, {args.device}, {args.threads} threads, "
+          f"amp={args.amp}, "
           f"baseline={baseline_name}", flush=True)  # fmt: skip
     summary = []
     for mode in args.modes.split(","):

@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from bench.baseline import baseline_loss, to_rgb
-from bench.common import PAD, build_models, child_main, describe, images, parser, run_side
+from bench.common import PAD, build_models, child_main, describe, images, parse, parser, run_side
 
 
 def _targets(args) -> torch.Tensor:
     g = torch.Generator().manual_seed(args.seed + 2)
-    return torch.randint(4, args.vocab, (args.batch, args.tgt_len + 1), generator=g)
+    return torch.randint(4, args.vocab, (args.batch, args.tgt_len + 1), generator=g).to(args.device)
 
 
 def ours(args):
@@ -63,13 +63,13 @@ def main() -> None:
     p = parser(__doc__.splitlines()[0], steps=2, warmup=1)
     p.add_argument("--tgt_len", type=int, default=100, help="decoder steps per formula")
     p.add_argument("--teacher_forcing", type=float, default=1.0)
-    args = p.parse_args()
+    args = parse(p)
     if args.side:
         return child_main(args, {"ours": ours, "baseline": baseline})
     argv = sys.argv[1:]
     baseline_name = args.baseline_repo or "stand-in (bench/baseline.py)"
     print(f"train_speed: batch {args.batch}, {args.height}x{args.width}, {args.tgt_len} tokens, "
-          f"vocab {args.vocab}, {args.threads} threads, amp={args.amp}, "
+          f"vocab {args.vocab}, {args.device}, {args.threads} threads, amp={args.amp}, "
           f"baseline={baseline_name}", flush=True)  # fmt: skip
     r_ours = run_side("bench.train_speed", "ours", argv)
     print(describe("ours", r_ours), flush=True)

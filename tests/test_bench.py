@@ -1,0 +1,28 @@
+"""The speed benchmarks run end to end (on toy sizes) and print their summary line last."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+TINY = ["--batch", "2", "--steps", "1", "--warmup", "0", "--height", "32", "--width", "64",
+        "--threads", "1"]
+
+
+@pytest.mark.parametrize("script, extra, summary", [
+    ("bench/train_speed.py", ["--tgt_len", "5"],
+     r"^train_speed: ours [\d.]+ img/s, baseline [\d.]+ img/s, [\d.]+x$"),
+    ("bench/decode_speed.py", ["--max_len", "5"],
+     r"^decode_speed: beam5 ours [\d.]+ img/s, baseline [\d.]+ img/s, [\d.]+x, peak RSS ours "
+     r"\d+ MB; greedy ours [\d.]+ img/s, baseline [\d.]+ img/s, [\d.]+x"),
+])
+def test_bench_runs_both_sides(script, extra, summary):
+    p = subprocess.run([sys.executable, str(ROOT / script), *TINY, *extra], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = p.stdout.strip().splitlines()
+    assert re.match(summary, lines[-1]), lines[-1]
+    assert any("baseline" in ln and "img/s" in ln for ln in lines[:-1])
