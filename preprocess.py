@@ -22,10 +22,17 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--data_path", required=True, help="dataset folder (standard layout)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--render", metavar="FORMULAS_FILE",
-                     help="formula list to normalize and render first (raw or normalized, .gz ok)")
+    src.add_argument("--render", metavar="FORMULAS_FILE", nargs="+",
+                     help="formula lists to normalize, split by --split_ratio and render (raw "
+                          "or normalized, .gz ok)")
     src.add_argument("--generate", type=int, metavar="N",
                      help="render N random formulas from the built-in generator")
+    p.add_argument("--validate_file", metavar="FILE",
+                   help="with --render: formulas that all go to the validate split")
+    p.add_argument("--test_file", metavar="FILE",
+                   help="with --render: formulas that all go to the test split (unfiltered)")
+    p.add_argument("--sample", type=int, default=0, metavar="N",
+                   help="with --render: keep a seeded random N of the --render formulas")
     p.add_argument("--exclude", action="append", default=[], metavar="FILE",
                    help="formulas to keep out of the dataset (e.g. the test set); repeatable")
     p.add_argument("--split_ratio", type=float, nargs=3, default=[0.8, 0.1, 0.1],
@@ -49,16 +56,24 @@ def build(args: argparse.Namespace) -> BuildReport:
             raise SystemExit("error: --generate needs a positive count")
         lines = generate_formulas(args.generate, seed=args.seed)
     else:
-        path = Path(args.render)
-        if not path.is_file():
-            raise SystemExit(f"error: formula file {path} not found")
-        lines = read_lines(path)
+        lines = []
+        for name in args.render:
+            path = Path(name)
+            if not path.is_file():
+                raise SystemExit(f"error: formula file {path} not found")
+            lines += read_lines(path)
         if not any(ln.strip() for ln in lines):
-            raise SystemExit(f"error: formula file {path} holds no formulas")
+            raise SystemExit(f"error: {' '.join(args.render)}: no formulas")
+    fixed = {}
+    for split, name in (("validate", args.validate_file), ("test", args.test_file)):
+        if name:
+            if not Path(name).is_file():
+                raise SystemExit(f"error: formula file {name} not found")
+            fixed[split] = read_lines(name)
     exclude = [ln for f in args.exclude for ln in read_lines(f)]
     filters = Filters(args.max_tokens, args.max_width, args.max_height)
     report = build_dataset(lines, args.data_path, ratios=args.split_ratio, seed=args.seed,
-                           exclude=exclude, filters=filters,
+                           exclude=exclude, fixed=fixed, sample=args.sample, filters=filters,
                            render_opts=RenderOptions(workers=args.workers),
                            progress=not args.quiet)
     print("\n".join(report.lines()))

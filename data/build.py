@@ -96,27 +96,45 @@ def assign_splits(n: int, ratios: Sequence[float], seed: int) -> list[str]:
 
 
 def build_dataset(lines: Iterable[str], data_dir: str | Path, *, ratios: Sequence[float],
-                  seed: int = 0, exclude: Iterable[str] = (), filters: Filters = Filters(),
-                  render_opts: RenderOptions = RenderOptions(),
+                  seed: int = 0, exclude: Iterable[str] = (),
+                  fixed: dict[str, Iterable[str]] | None = None, sample: int = 0,
+                  filters: Filters = Filters(), render_opts: RenderOptions = RenderOptions(),
                   progress: bool = True) -> BuildReport:
+    """`lines` are split by `ratios`; `fixed` maps a split to formulas that all go there (e.g. the
+    real validation and test sets), and those never appear in another split. `sample` keeps a
+    seeded random subset of `lines` (after normalizing and excluding), to fit a time budget."""
     report = BuildReport()
+    fixed_formulas: list[str] = []
+    fixed_splits: list[str] = []
+    seen: set[str] = set()
+    for split, split_lines in (fixed or {}).items():
+        got = [f for f in normalize_all(split_lines, report) if f not in seen]
+        seen.update(got)
+        report.step(f"{split} (fixed), distinct", len(got))
+        fixed_formulas += got
+        fixed_splits += [split] * len(got)
     lines = list(lines)
     report.step("input lines", len(lines))
     formulas = normalize_all(lines, report)
     report.step("normalized, distinct", len(formulas))
 
-    excluded = {f for f in normalize_all(exclude, BuildReport())}
+    excluded = set(normalize_all(exclude, BuildReport())) | seen
     if excluded:
         kept = []
         for f in formulas:
             if f in excluded:
-                report.drop("in --exclude list", f)
+                report.drop("in an --exclude list or a fixed split", f)
             else:
                 kept.append(f)
         formulas = kept
-        report.step("after --exclude", len(formulas))
+        report.step("after exclusions", len(formulas))
+    if sample and len(formulas) > sample:
+        keep = set(random.Random(seed).sample(range(len(formulas)), sample))
+        formulas = [f for i, f in enumerate(formulas) if i in keep]
+        report.step(f"--sample {sample}", len(formulas))
 
-    splits = assign_splits(len(formulas), ratios, seed)
+    splits = fixed_splits + assign_splits(len(formulas), ratios, seed)
+    formulas = fixed_formulas + formulas
     wanted = []
     for f, s in zip(formulas, splits):
         if s != "test" and len(f.split()) > filters.max_tokens:

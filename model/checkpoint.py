@@ -88,6 +88,19 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Im
     return model_from_checkpoint(load_checkpoint(path), source=str(path), device=device)
 
 
+def export_weights(src: str | Path, dst: str | Path, note: str = "") -> dict:
+    """A training checkpoint reduced to what inference needs: half-precision weights, the model
+    config and the vocabulary (no optimizer state), a fraction of the size, for shipping."""
+    ckpt = load_checkpoint(src)
+    model_from_checkpoint(ckpt, source=str(src))  # refuse to export something that won't load
+    state = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    out = {"model": state, "model_config": ckpt["model_config"], "vocab": ckpt["vocab"],
+           "epoch": ckpt.get("epoch", 0), "step": ckpt.get("step", 0), "note": note,
+           "args": ckpt.get("args", {})}
+    save_checkpoint(out, dst)
+    return out
+
+
 def rng_state() -> dict[str, Any]:
     """Every RNG a training step draws from (dropout, scheduled sampling, shuffling)."""
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}

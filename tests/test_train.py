@@ -87,3 +87,17 @@ def test_bad_inputs_fail_clearly(tiny_dataset, tmp_path):
     p = run_script("train.py", "--data_path", tmp_path / "missing", "--save_dir",
                    tmp_path / "r3", check=False)
     assert p.returncode == 1 and "not found" in p.stderr
+
+
+def test_export_ships_half_precision_weights_that_load(tiny_dataset, tiny_model, tmp_path):
+    dst = tmp_path / "shipped.pt"
+    run_script("export_model.py", tiny_model, dst, "--note", "test")
+    ckpt = load_checkpoint(dst)
+    assert "optimizer" not in ckpt and ckpt["note"] == "test"
+    assert all(v.dtype == torch.float16 for v in ckpt["model"].values() if v.is_floating_point())
+    assert dst.stat().st_size < tiny_model.stat().st_size / 2
+    model, vocab = load_model(dst)  # cast back to float32 for CPU inference
+    assert next(model.parameters()).dtype == torch.float32
+    assert vocab == load_model(tiny_model)[1]
+    p = run_script("export_model.py", tmp_path / "missing.pt", dst, check=False)
+    assert p.returncode == 1 and "not found" in p.stderr
