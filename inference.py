@@ -44,6 +44,8 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--answer_key", metavar="JSON",
                    help='expected formulas by image or folder name: {"NAME": "LATEX", ...}; '
                         'adds "answer" and "match"')
+    p.add_argument("--attention_figure", metavar="PNG",
+                   help="also draw the first 8 images with their attention maps")
     p.add_argument("--no_normalize", action="store_true",
                    help="feed images as they are (already in the training format)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -126,6 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     model, vocab = load_model(args.model_path, device=args.device)
     preds = predict(model, vocab, images, beam_size=args.beam_size, max_len=args.max_len,
                     batch_size=args.batch_size, device=args.device)
+    if args.attention_figure:
+        from model.attention_plot import attention_figure
+
+        attention_figure(model, vocab, images[:8], args.attention_figure, names[:8],
+                         max_len=args.max_len, device=args.device)
     results = []
     for name, pred in zip(names, preds):
         r = {"name": name, "predict": pred.latex, "score": round(pred.score, 4)}

@@ -175,6 +175,15 @@ def test_inference_single_image_prints_latex(tiny_dataset, tiny_model):
     assert len(p.stdout.strip().splitlines()) == 1 and "\t" not in p.stdout
 
 
+def test_inference_attention_figure(tiny_dataset, tiny_model, tmp_path):
+    first = read_lines(tiny_dataset / "im2latex_test_filter.lst")[0].split()[0]
+    fig = tmp_path / "att.png"
+    run_script("inference.py", "--model_path", tiny_model, tiny_dataset / IMAGES_DIR / first,
+               "--beam_size", "1", "--attention_figure", fig)
+    with Image.open(fig) as im:
+        assert im.width > 500 and im.height > 100
+
+
 def test_inference_bad_paths(tiny_model, tmp_path):
     (tmp_path / "empty").mkdir()
     p = run_script("inference.py", "--model_path", tiny_model, tmp_path / "empty", check=False)
