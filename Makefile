@@ -23,7 +23,7 @@ setup-dev:
 demo: setup
 	$(PYTHON) preprocess.py --generate $(FORMULAS) --data_path $(DATA) --quiet
 	$(PYTHON) build_vocab.py --data_path $(DATA)
-	$(PYTHON) train.py --data_path $(DATA) --save_dir $(RUN) $(SMALL) --lr 1e-3 \
+	$(PYTHON) train.py --data_path $(DATA) --save_dir $(RUN) $(SMALL) --lr 1e-3 --overwrite \
 	    --epoches 100 --max_minutes $(MINUTES) --quiet --print_freq 50
 	$(PYTHON) evaluate.py --data_path $(DATA) --split test --model_path $(RUN) \
 	    --beam_size 3 --ref_path $(RUN)/test_ref.txt --result_path $(RUN)/test_result.txt --quiet

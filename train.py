@@ -80,6 +80,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--from_check_point", action="store_true",
                    help="resume from the latest checkpoint in --save_dir")
     p.add_argument("--init_from", metavar="CKPT", help="start from these weights (fine-tuning)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in a --save_dir that already holds one")
     p.add_argument("--freeze_encoder", action="store_true", help="train the decoder only")
     p.add_argument("--max_steps", type=int, default=0,
                    help="stop after this many steps in total (0: no limit)")
@@ -279,7 +281,19 @@ def train(args: argparse.Namespace, d: Dist) -> int:
         resume = load_checkpoint(save_dir / LAST)
         restore_run_flags(args, resume.get("args", {}))
         model, vocab = model_from_checkpoint(resume, source=str(save_dir / LAST))
+        data_vocab_path = data_dir / "vocab.json"
+        if data_vocab_path.is_file() and Vocab.load(data_vocab_path) != vocab:
+            missing = len(vocab.extended(Vocab.load(data_vocab_path).tokens)) - len(vocab)
+            log(f"note: {data_vocab_path} differs from the checkpoint's vocabulary; training "
+                f"continues with the checkpoint's ({missing} tokens of the data map to <unk>)")
     else:
+        if (save_dir / LAST).is_file() and not args.overwrite:
+            print(f"error: {save_dir} already holds a run ({LAST}); continue it with "
+                  "--from_check_point, or pass --overwrite to start over", file=sys.stderr)
+            return 1
+        if args.overwrite and d.main:  # an old best.pt or log would pass for this run's
+            for name in (LAST, BEST, "log.csv", "curves.png"):
+                (save_dir / name).unlink(missing_ok=True)
         data_vocab = Vocab.load(data_dir / "vocab.json")
         if args.init_from:
             model, vocab = init_from(args.init_from, data_vocab)

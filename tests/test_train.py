@@ -89,6 +89,14 @@ def test_bad_inputs_fail_clearly(tiny_dataset, tmp_path):
     assert p.returncode == 1 and "not found" in p.stderr
 
 
+def test_a_new_run_never_overwrites_an_old_one(tiny_dataset, tiny_model):
+    run = tiny_model.parent
+    before = (run / "last.pt").read_bytes()
+    p = run_script("train.py", "--data_path", tiny_dataset, "--save_dir", run, check=False)
+    assert p.returncode == 1 and "--from_check_point" in p.stderr and "--overwrite" in p.stderr
+    assert (run / "last.pt").read_bytes() == before
+
+
 def test_export_ships_half_precision_weights_that_load(tiny_dataset, tiny_model, tmp_path):
     dst = tmp_path / "shipped.pt"
     run_script("export_model.py", tiny_model, dst, "--note", "test")
