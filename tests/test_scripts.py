@@ -77,15 +77,20 @@ def test_preprocess_bad_input(tmp_path):
     p = run_script("preprocess.py", "--data_path", tmp_path / "nothing", check=False)
     assert p.returncode != 0 and "not found" in p.stderr and "Traceback" not in p.stderr
     garbage = tmp_path / "garbage.txt"
-    garbage.write_bytes(bytes(range(256)) * 8 + b"\n\\frac { 1 } { 2 }\n{ unbalanced\n")
+    huge = b"x + " * 5000  # 10,000 tokens
+    garbage.write_bytes(bytes(range(256)) * 8 + b"\n\\frac { 1 } { 2 }\n{ unbalanced\n"
+                        + huge + b"\n")
     p = run_script("preprocess.py", "--render", garbage, "--data_path", tmp_path / "g",
-                   "--quiet", "--split_ratio", "1", "0", "0", check=False)
+                   "--quiet", "--split_ratio", "1", "0", "0", "--test_file", garbage,
+                   check=False)
     assert p.returncode == 0 and "Traceback" not in p.stderr
     formulas = read_lines(tmp_path / "g" / "im2latex_formulas.norm.lst")
-    train = [formulas[int(ln.split()[1])]
-             for ln in read_lines(tmp_path / "g" / "im2latex_train_filter.lst")]
-    assert "\\frac { 1 } { 2 }" in train  # the good line survives the garbage around it
-    assert not any("unbalanced" in f for f in train)
+    test = [formulas[int(ln.split()[1])]
+            for ln in read_lines(tmp_path / "g" / "im2latex_test_filter.lst")]
+    assert "\\frac { 1 } { 2 }" in test  # the good line survives the garbage around it
+    assert not any(len(f.split()) > 1000 for f in test)  # the 10,000-token line fails alone
+    assert not any("unbalanced" in f for f in formulas)
+    assert "failed to render" in p.stdout and "unbalanced braces" in p.stdout
 
 
 def test_evaluate_writes_aligned_files_and_prints_scores(tiny_dataset, tiny_model, tmp_path):
