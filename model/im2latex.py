@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from model.decoder import Decoder
@@ -32,6 +33,7 @@ class ModelConfig:
     cnn_widths: tuple[int, ...] = (64, 128, 256, 256)
     add_position_features: bool = False
     dropout: float = 0.0
+    image_scale: float = 1.0  # the encoder first resizes its input by this factor
 
     def to_dict(self) -> dict:
         """Plain types only, so checkpoints load with torch.load(weights_only=True)."""
@@ -84,6 +86,8 @@ class Im2Latex(nn.Module):
             raise ValueError(f"expected images B x 1 x H x W, got {tuple(imgs.shape)}")
         dtype = self.decoder.W_out.weight.dtype  # the model's own precision, fp32 normally
         x = imgs.to(dtype) / 255.0 if imgs.dtype == torch.uint8 else imgs.to(dtype)
+        if self.cfg.image_scale != 1.0:  # a cheaper model reads smaller images (area average)
+            x = F.interpolate(x, scale_factor=self.cfg.image_scale, mode="area")
         with torch.autocast(x.device.type, dtype=amp_dtype(x.device), enabled=amp):
             feats = self.encoder(x)  # B x C x H' x W'
         feats = feats.to(dtype).permute(0, 2, 3, 1)  # B x H' x W' x C

@@ -233,3 +233,13 @@ def test_frozen_encoder_gets_no_gradient_and_leaves_decoder_gradients_unchanged(
     assert all(frozen[n] is None for n in frozen if n.startswith("encoder."))
     for name in (n for n in frozen if n.startswith("decoder.")):
         torch.testing.assert_close(frozen[name], unfrozen[name], msg=name)
+
+
+def test_image_scale_shrinks_the_encoder_grid():
+    imgs = torch.full((2, 1, 64, 320), 255, dtype=torch.uint8)
+    full = Im2Latex(ModelConfig(vocab_size=10, emb_dim=8, dec_rnn_h=16, enc_out_dim=16,
+                                cnn_widths=(4, 4, 8, 8)))
+    half = Im2Latex(ModelConfig(vocab_size=10, emb_dim=8, dec_rnn_h=16, enc_out_dim=16,
+                                cnn_widths=(4, 4, 8, 8), image_scale=0.5))
+    assert half.encode(imgs).shape[1] < full.encode(imgs).shape[1] / 3
+    assert ModelConfig.from_dict(half.cfg.to_dict()).image_scale == 0.5
