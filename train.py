@@ -285,8 +285,9 @@ def train(args: argparse.Namespace, d: Dist) -> int:
         restore_run_flags(args, resume.get("args", {}))
         model, vocab = model_from_checkpoint(resume, source=str(save_dir / LAST))
         data_vocab_path = data_dir / "vocab.json"
-        if data_vocab_path.is_file() and Vocab.load(data_vocab_path) != vocab:
-            missing = len(vocab.extended(Vocab.load(data_vocab_path).tokens)) - len(vocab)
+        data_vocab = Vocab.load(data_vocab_path) if data_vocab_path.is_file() else vocab
+        if data_vocab != vocab:
+            missing = len(vocab.unknown(data_vocab.tokens))
             log(f"note: {data_vocab_path} differs from the checkpoint's vocabulary; training "
                 f"continues with the checkpoint's ({missing} tokens of the data map to <unk>)")
     else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,39 +41,46 @@ def write_split(entries: Sequence[Entry], out_dir: str | Path, split: str,
                 progress: bool = True) -> ShardReport:
     """Group a split's images by size (after bucket padding) and write one array per size.
 
-    Two passes: the first decodes every image once to learn its padded size and drop unreadable
-    ones (keeping only sizes in memory); the second fills each size's memory-mapped array, so
-    peak memory is one image, not the split."""
+    One pass decodes each image once and appends its bytes to a raw file for its size (the
+    count per size is not known until the end, and an `.npy` header needs it); each raw file is
+    then wrapped into an `.npy` through memory maps. Peak memory is one image, not the split."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = ShardReport()
     by_size: dict[tuple[int, int], list[Entry]] = defaultdict(list)
-    for e in tqdm(entries, desc=f"{split}: scan", disable=not progress, unit="img"):
-        try:
-            img = pad_to_bucket(read_gray_png(e.image))
-        except ImageError as err:
-            report.problems.append(f"{e.source}: {err}")
-            continue
-        by_size[img.shape].append(e)
-
     buckets = []
-    bar = tqdm(total=sum(map(len, by_size.values())), desc=f"{split}: write",
-               disable=not progress, unit="img")
-    for (h, w), group in sorted(by_size.items()):
-        fname = f"{h}x{w}.npy"
-        tmp = out_dir / (fname + ".tmp")
-        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(group), h, w))
-        for i, e in enumerate(group):
-            arr[i] = pad_to_bucket(read_gray_png(e.image))
-            bar.update()
-        arr.flush()
-        del arr
-        tmp.replace(out_dir / fname)
-        buckets.append({"file": fname, "height": h, "width": w,
-                        "names": [e.image.name for e in group],
-                        "formulas": [e.formula for e in group]})
-        report.written += len(group)
-    bar.close()
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".raw-") as raw_dir:
+        raw_files = {}
+        try:
+            for e in tqdm(entries, desc=f"{split}: read", disable=not progress, unit="img"):
+                try:
+                    img = pad_to_bucket(read_gray_png(e.image))
+                except ImageError as err:
+                    report.problems.append(f"{e.source}: {err}")
+                    continue
+                if img.shape not in raw_files:
+                    h, w = img.shape
+                    raw_files[img.shape] = open(Path(raw_dir) / f"{h}x{w}.raw", "wb")
+                raw_files[img.shape].write(np.ascontiguousarray(img, dtype=np.uint8).tobytes())
+                by_size[img.shape].append(e)
+        finally:
+            for f in raw_files.values():
+                f.close()
+        for (h, w), group in sorted(by_size.items()):
+            fname = f"{h}x{w}.npy"
+            raw = np.memmap(Path(raw_dir) / f"{h}x{w}.raw", dtype=np.uint8, mode="r",
+                            shape=(len(group), h, w))
+            tmp = out_dir / (fname + ".tmp")
+            arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
+                                            shape=(len(group), h, w))
+            arr[:] = raw
+            arr.flush()
+            del arr, raw
+            tmp.replace(out_dir / fname)
+            buckets.append({"file": fname, "height": h, "width": w,
+                            "names": [e.image.name for e in group],
+                            "formulas": [e.formula for e in group]})
+            report.written += len(group)
     index = {"version": FORMAT_VERSION, "split": split, "buckets": buckets}
     tmp = out_dir / (INDEX + ".tmp")
     tmp.write_text(json.dumps(index, ensure_ascii=False) + "\n", encoding="utf-8")
