@@ -321,14 +321,14 @@ def train(args: argparse.Namespace, d: Dist) -> int:
         print(f"error: no training images in {data_dir}/shards/train", file=sys.stderr)
         return 1
     sampler = BucketBatchSampler(train_ds.bucket_items, args.batch_size, seed=args.seed,
-                                 num_replicas=d.world, rank=d.rank)
+                                 num_replicas=d.world, rank=d.rank, lengths=train_ds.lengths)
     # Loaders get their own generator: creating one would otherwise draw from the global RNG,
     # and a resumed run would then see different dropout masks than an uninterrupted one.
     val_loader = DataLoader(val_ds, collate_fn=collate, pin_memory=cuda,
                             generator=torch.Generator(),
                             batch_sampler=BucketBatchSampler(
                                 val_ds.bucket_items, args.batch_size, shuffle=False,
-                                num_replicas=d.world, rank=d.rank))
+                                num_replicas=d.world, rank=d.rank, lengths=val_ds.lengths))
     log(f"data: {len(train_ds)} train / {len(val_ds)} validation images "
         f"({train_ds.skipped_long} train formulas over --max_len {args.max_len} left out); "
         f"effective batch {args.batch_size * d.world} ({args.batch_size} x {d.world}), "

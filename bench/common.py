@@ -61,9 +61,12 @@ def parse(p: argparse.ArgumentParser) -> argparse.Namespace:
 
 
 def build_models(args: argparse.Namespace) -> tuple[Im2Latex, torch.nn.Module]:
-    """The full-size model (emb 80, hidden 512, enc 512) and the baseline with the same weights."""
+    """The full-size model (emb 80, hidden 512, enc 512) and the baseline with the same weights.
+
+    Ours is built without the encoder's batch norm, so that both compute the same function and
+    decode the same hypotheses."""
     torch.manual_seed(args.seed)
-    ours = Im2Latex(ModelConfig(vocab_size=args.vocab))
+    ours = Im2Latex(ModelConfig(vocab_size=args.vocab, batch_norm=False))
     if args.baseline_repo:
         cls = load_reference(args.baseline_repo)
     else:

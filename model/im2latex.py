@@ -34,6 +34,7 @@ class ModelConfig:
     add_position_features: bool = False
     dropout: float = 0.0
     image_scale: float = 1.0  # the encoder first resizes its input by this factor
+    batch_norm: bool = True  # batch norm after each conv (model/encoder.py says why)
 
     def to_dict(self) -> dict:
         """Plain types only, so checkpoints load with torch.load(weights_only=True)."""
@@ -44,6 +45,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         d = dict(d)
+        d.setdefault("batch_norm", False)  # saved before the field existed: the plain stack
         if "cnn_widths" in d:
             d["cnn_widths"] = tuple(d["cnn_widths"])
         return cls(**d)
@@ -75,7 +77,8 @@ class Im2Latex(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.encoder = Encoder(cfg.cnn_widths, cfg.enc_out_dim, in_channels=1)
+        self.encoder = Encoder(cfg.cnn_widths, cfg.enc_out_dim, in_channels=1,
+                               batch_norm=cfg.batch_norm)
         self.decoder = Decoder(
             cfg.vocab_size, cfg.emb_dim, cfg.dec_rnn_h, cfg.enc_out_dim, cfg.dropout
         )

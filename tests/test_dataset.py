@@ -35,6 +35,36 @@ def test_replicas_slice_the_single_process_batches():
         assert not set(a) & set(b)
 
 
+def padded_steps(batches: list[list[int]], lengths: list[int]) -> int:
+    """Decoder steps a batch costs: its longest formula, times its rows."""
+    return sum(max(lengths[i] for i in b) * len(b) for b in batches)
+
+
+def test_grouping_by_length_cuts_padding_and_still_covers_every_item_in_random_order():
+    rng = np.random.default_rng(0)
+    items = [list(range(0, 3000)), list(range(3000, 4000))]
+    lengths = [int(n) for n in rng.integers(5, 150, size=4000)]
+    plain = BucketBatchSampler(items, 32, seed=3).batches(0)
+    grouped = BucketBatchSampler(items, 32, seed=3, lengths=lengths, pool=8)
+    batches = grouped.batches(0)
+    assert sorted(i for b in batches for i in b) == list(range(4000))
+    assert all(len({i < 3000 for i in b}) == 1 for b in batches)  # still one bucket per batch
+    assert padded_steps(batches, lengths) < 0.6 * padded_steps(plain, lengths)
+    assert batches != grouped.batches(1)  # a fresh grouping every epoch
+    assert batches == BucketBatchSampler(items, 32, seed=3, lengths=lengths, pool=8).batches(0)
+    spans = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches]
+    assert np.median(spans) < 20  # within a batch the lengths are close; at random ~130
+
+
+def test_grouped_replicas_slice_the_grouped_single_process_batches():
+    lengths = [(7 * i) % 23 for i in range(40)]
+    single = BucketBatchSampler(BUCKETS, 6, seed=5, lengths=lengths).batches(0)
+    parts = [BucketBatchSampler(BUCKETS, 3, seed=5, num_replicas=2, rank=r,
+                                lengths=lengths).batches(0) for r in range(2)]
+    for g, a, b in zip(single, *parts, strict=True):
+        assert [i for i in a + b if i >= 0] == g
+
+
 def test_a_batch_smaller_than_the_ranks_gets_padding_entries():
     parts = [BucketBatchSampler([[7]], 4, num_replicas=3, rank=r).batches(0) for r in range(3)]
     assert parts == [[[7]], [[-8]], [[-8]]]
