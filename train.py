@@ -104,9 +104,11 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     return get_parser().parse_args(argv)
 
 
-def restore_run_flags(args: argparse.Namespace, saved: dict) -> None:
-    """Continue a run with the settings it was started with; explicit changes win."""
+def restore_run_flags(args: argparse.Namespace, saved: dict) -> set[str]:
+    """Continue a run with the settings it was started with; explicit changes win and are
+    returned (e.g. `--lr 3e-4` on resume to lower the rate by hand for the last epochs)."""
     parser = get_parser()
+    changed = set()
     for key in RUN_FLAGS:
         if key not in saved:
             continue
@@ -114,6 +116,8 @@ def restore_run_flags(args: argparse.Namespace, saved: dict) -> None:
             setattr(args, key, saved[key])
         elif getattr(args, key) != saved[key]:
             print(f"note: --{key} changed from {saved[key]} to {getattr(args, key)} on resume")
+            changed.add(key)
+    return changed
 
 
 def model_config(args: argparse.Namespace, vocab_size: int) -> ModelConfig:
@@ -276,13 +280,13 @@ def train(args: argparse.Namespace, d: Dist) -> int:
 
     # --- the model, the vocabulary, and where we start from
     torch.manual_seed(args.seed)  # identical initial weights on every rank
-    resume = None
+    resume, changed = None, set()
     if args.from_check_point:
         if not (save_dir / LAST).is_file():
             print(f"error: --from_check_point: no {LAST} in {save_dir}", file=sys.stderr)
             return 1
         resume = load_checkpoint(save_dir / LAST)
-        restore_run_flags(args, resume.get("args", {}))
+        changed = restore_run_flags(args, resume.get("args", {}))
         model, vocab = model_from_checkpoint(resume, source=str(save_dir / LAST))
         data_vocab_path = data_dir / "vocab.json"
         data_vocab = Vocab.load(data_vocab_path) if data_vocab_path.is_file() else vocab
@@ -342,6 +346,9 @@ def train(args: argparse.Namespace, d: Dist) -> int:
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
+        if "lr" in changed:  # the optimizer state carries the old rate: the new one wins
+            for group in optimizer.param_groups:
+                group["lr"] = args.lr
         states = resume["rng"]
         if len(states) == d.world:
             set_rng_state(states[d.rank])

@@ -71,6 +71,18 @@ def test_more_epochs_from_checkpoint_equals_one_longer_run(tiny_dataset, tmp_pat
     assert len(list(csv.DictReader(open(b / "log.csv")))) == 2
 
 
+def test_a_new_lr_on_resume_replaces_the_saved_one(tiny_dataset, tmp_path):
+    """The optimizer state holds the old rate; lowering it by hand on resume must take effect."""
+    run_script("train.py", "--data_path", tiny_dataset, "--save_dir", tmp_path, *COMMON,
+               "--epoches", "1", "--lr", "1e-3")
+    p = run_script("train.py", "--data_path", tiny_dataset, "--save_dir", tmp_path, *COMMON,
+                   "--epoches", "2", "--from_check_point", "--lr", "2e-4")
+    assert "--lr changed from 0.001 to 0.0002" in p.stdout
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert ckpt["epoch"] == 2 and ckpt["args"]["lr"] == 2e-4
+    assert all(g["lr"] == 2e-4 for g in ckpt["optimizer"]["param_groups"])
+
+
 def test_bad_inputs_fail_clearly(tiny_dataset, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
