@@ -104,15 +104,24 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     return get_parser().parse_args(argv)
 
 
-def restore_run_flags(args: argparse.Namespace, saved: dict) -> set[str]:
-    """Continue a run with the settings it was started with; explicit changes win and are
-    returned (e.g. `--lr 3e-4` on resume to lower the rate by hand for the last epochs)."""
+def given_flags(argv: list[str] | None) -> set[str]:
+    """The flags written on the command line, told apart from defaults even when a value equals
+    its default (`--lr 3e-4` on resume of a run started with `--lr 1e-3`)."""
     parser = get_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def restore_run_flags(args: argparse.Namespace, saved: dict, given: set[str]) -> set[str]:
+    """Continue a run with the settings it was started with; flags given on the command line
+    win, and those that differ from the run's are returned (e.g. a lower `--lr` by hand for the
+    last epochs)."""
     changed = set()
     for key in RUN_FLAGS:
         if key not in saved:
             continue
-        if getattr(args, key) == parser.get_default(key):
+        if key not in given:
             setattr(args, key, saved[key])
         elif getattr(args, key) != saved[key]:
             print(f"note: --{key} changed from {saved[key]} to {getattr(args, key)} on resume")
@@ -267,12 +276,12 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     d = Dist(args.device)
     try:
-        return train(args, d)
+        return train(args, d, given_flags(argv))
     finally:
         d.close()
 
 
-def train(args: argparse.Namespace, d: Dist) -> int:
+def train(args: argparse.Namespace, d: Dist, given: set[str]) -> int:
     data_dir, save_dir = Path(args.data_path), Path(args.save_dir)
     cuda = d.device.type == "cuda"
     amp = args.amp == "on" or (args.amp == "auto" and bf16_is_native(d.device))
@@ -286,7 +295,7 @@ def train(args: argparse.Namespace, d: Dist) -> int:
             print(f"error: --from_check_point: no {LAST} in {save_dir}", file=sys.stderr)
             return 1
         resume = load_checkpoint(save_dir / LAST)
-        changed = restore_run_flags(args, resume.get("args", {}))
+        changed = restore_run_flags(args, resume.get("args", {}), given)
         model, vocab = model_from_checkpoint(resume, source=str(save_dir / LAST))
         data_vocab_path = data_dir / "vocab.json"
         data_vocab = Vocab.load(data_vocab_path) if data_vocab_path.is_file() else vocab

@@ -7,6 +7,7 @@ import time
 
 import torch
 
+import train
 from data.vocab import Vocab
 from model.checkpoint import load_checkpoint, load_model
 from tests.conftest import ROOT, TINY_MODEL, run_script
@@ -74,13 +75,15 @@ def test_more_epochs_from_checkpoint_equals_one_longer_run(tiny_dataset, tmp_pat
 def test_a_new_lr_on_resume_replaces_the_saved_one(tiny_dataset, tmp_path):
     """The optimizer state holds the old rate; lowering it by hand on resume must take effect."""
     run_script("train.py", "--data_path", tiny_dataset, "--save_dir", tmp_path, *COMMON,
-               "--epoches", "1", "--lr", "1e-3")
+               "--epoches", "1", "--lr", "1e-3", "--clip", "1.5")
+    default = train.get_parser().get_default("lr")  # given explicitly, the default counts too
     p = run_script("train.py", "--data_path", tiny_dataset, "--save_dir", tmp_path, *COMMON,
-                   "--epoches", "2", "--from_check_point", "--lr", "2e-4")
-    assert "--lr changed from 0.001 to 0.0002" in p.stdout
+                   "--epoches", "2", "--from_check_point", "--lr", str(default))
+    assert f"--lr changed from 0.001 to {default}" in p.stdout
     ckpt = load_checkpoint(tmp_path / "last.pt")
-    assert ckpt["epoch"] == 2 and ckpt["args"]["lr"] == 2e-4
-    assert all(g["lr"] == 2e-4 for g in ckpt["optimizer"]["param_groups"])
+    assert ckpt["epoch"] == 2 and ckpt["args"]["lr"] == default
+    assert all(g["lr"] == default for g in ckpt["optimizer"]["param_groups"])
+    assert ckpt["args"]["clip"] == 1.5  # flags not given keep the run's values
 
 
 def test_bad_inputs_fail_clearly(tiny_dataset, tmp_path):
