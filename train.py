@@ -319,8 +319,7 @@ def train(args: argparse.Namespace, d: Dist, given: set[str]) -> int:
             model = Im2Latex(model_config(args, len(vocab)))
     model.to(d.device).train()
     if args.freeze_encoder:
-        for p in model.encoder.parameters():
-            p.requires_grad_(False)
+        model.freeze_encoder()
     params = [p for p in model.parameters() if p.requires_grad]
     net = DDP(model, device_ids=[d.device] if cuda else None) if d.world > 1 else model
     log(f"model: {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters, "

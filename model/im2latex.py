@@ -82,6 +82,22 @@ class Im2Latex(nn.Module):
         self.decoder = Decoder(
             cfg.vocab_size, cfg.emb_dim, cfg.dec_rnn_h, cfg.enc_out_dim, cfg.dropout
         )
+        self.encoder_frozen = False
+
+    def freeze_encoder(self) -> None:
+        """Train the decoder only (fine-tuning on little data). Freezing the weights is not
+        enough: batch norm in training mode would still move its running statistics, so the
+        encoder stays in eval mode from now on, whatever `train()` is called with."""
+        for p in self.encoder.parameters():
+            p.requires_grad_(False)
+        self.encoder_frozen = True
+        self.encoder.eval()
+
+    def train(self, mode: bool = True) -> "Im2Latex":
+        super().train(mode)
+        if self.encoder_frozen:
+            self.encoder.eval()
+        return self
 
     def _encode(self, imgs: Tensor, amp: bool = False) -> tuple[Tensor, tuple[int, int]]:
         """imgs B x 1 x H x W -> (features B x L x C in fp32, grid size (H', W'))."""

@@ -270,3 +270,15 @@ def test_checkpoints_saved_before_batch_norm_load_as_the_plain_stack():
     cfg = ModelConfig.from_dict(old)
     assert cfg.batch_norm is False
     Im2Latex(cfg).load_state_dict(tiny_model(batch_norm=False).state_dict())
+
+
+def test_a_frozen_encoder_keeps_its_batch_norm_statistics():
+    model = tiny_model(seed=6)
+    model.freeze_encoder()
+    before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    model.train()
+    model(images(), tokens()).sum().backward()
+    after = model.encoder.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert model.decoder.training and not model.encoder.training
+    assert all(p.grad is None for p in model.encoder.parameters())
