@@ -62,6 +62,9 @@ def get_parser() -> argparse.ArgumentParser:
                    help="channels of the first four conv layers (the fifth is --enc_out_dim)")
     p.add_argument("--add_position_features", action="store_true")
     p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--no_batch_norm", dest="batch_norm", action="store_false",
+                   help="the plain conv stack (batch norm makes CPU multi-process runs differ "
+                        "from one process: SyncBatchNorm needs CUDA)")
     p.add_argument("--image_scale", type=float, default=1.0,
                    help="the encoder resizes images by this factor first (0.5: ~4x cheaper)")
     # optimisation
@@ -133,7 +136,7 @@ def model_config(args: argparse.Namespace, vocab_size: int) -> ModelConfig:
     return ModelConfig(vocab_size=vocab_size, emb_dim=args.emb_dim, dec_rnn_h=args.dec_rnn_h,
                        enc_out_dim=args.enc_out_dim, cnn_widths=tuple(args.cnn_widths),
                        add_position_features=args.add_position_features, dropout=args.dropout,
-                       image_scale=args.image_scale)
+                       image_scale=args.image_scale, batch_norm=args.batch_norm)
 
 
 def init_from(path: str, data_vocab: Vocab) -> tuple[Im2Latex, Vocab]:
@@ -320,6 +323,13 @@ def train(args: argparse.Namespace, d: Dist, given: set[str]) -> int:
     model.to(d.device).train()
     if args.freeze_encoder:
         model.freeze_encoder()
+    if d.world > 1 and model.cfg.batch_norm:
+        if cuda:  # statistics over the global batch, as one process would compute them
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            log("note: batch-norm statistics are per process on CPU (SyncBatchNorm needs "
+                "CUDA), so this run is close to, not equal to, one process with the global "
+                "batch; --no_batch_norm makes them equal")
     params = [p for p in model.parameters() if p.requires_grad]
     net = DDP(model, device_ids=[d.device] if cuda else None) if d.world > 1 else model
     log(f"model: {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters, "

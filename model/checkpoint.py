@@ -46,7 +46,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if path.is_dir():  # a run directory: its best model, else its latest
         path = path / BEST if (path / BEST).is_file() else path / LAST
     if not path.is_file():
-        hint = " (no model is shipped yet: pass --model_path)" if path == DEFAULT_MODEL else ""
+        hint = (" (the shipped model is missing: `git checkout checkpoints/`, or pass --model_path)"
+                if path == DEFAULT_MODEL else "")
         raise CheckpointError(f"{path}: checkpoint not found{hint}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)

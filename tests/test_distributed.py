@@ -10,8 +10,10 @@ import torch
 from model.checkpoint import load_checkpoint
 from tests.conftest import ROOT, TINY_MODEL, run_script
 
-ARGS = [*TINY_MODEL, "--workers", "0", "--quiet", "--threads", "1", "--print_freq", "1",
-        "--epoches", "3"]
+# The plain conv stack: batch norm computes its statistics per process on CPU (SyncBatchNorm
+# needs CUDA), which makes 2 processes differ from one by design.
+ARGS = [*TINY_MODEL, "--no_batch_norm", "--workers", "0", "--quiet", "--threads", "1",
+        "--print_freq", "1", "--epoches", "3"]
 
 
 def torchrun(*args: str) -> subprocess.CompletedProcess:
@@ -38,8 +40,15 @@ def test_two_gloo_processes_match_one_process(tiny_dataset, tmp_path):
     assert all(abs(x - y) < 1e-3 for x, y in zip(a, b)), (a, b)
     wa = load_checkpoint(tmp_path / "one" / "last.pt")["model"]
     wb = load_checkpoint(tmp_path / "two" / "last.pt")["model"]
+    # Adam divides by sqrt(v): where a gradient is ~0 (a dead ReLU channel), float noise from
+    # the different summation order flips the step, moving the weight by up to ~lr (3e-4).
+    # Such flips must stay rare; a real DDP error would move most weights.
+    flipped, total = 0, 0
     for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=4 * 3e-4 + 1e-5)
+        flipped += int(((wa[k] - wb[k]).abs() > 1e-5).sum())
+        total += wa[k].numel()
+    assert flipped < 0.05 * total, (flipped, total)
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["last.pt"]  # rank 0 only
 
 
