@@ -195,6 +195,14 @@ class Dist:
         if self.world > 1:
             dist.destroy_process_group()
 
+    def finish(self) -> None:
+        """Wait for every rank at a normal end. Rank 0 may still be writing the last checkpoint,
+        and a gloo group torn down while a peer was still in it aborted a rank at exit
+        ("terminate called without an active exception") once in CI. Not on errors: a rank
+        that failed would wait here for peers that never come."""
+        if self.world > 1:
+            dist.barrier()
+
 
 def train_step(model: torch.nn.Module, batch: dict, tf: float, d: Dist, pad: int,
                chunks: int, amp: bool) -> float:
@@ -279,7 +287,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     d = Dist(args.device)
     try:
-        return train(args, d, given_flags(argv))
+        rc = train(args, d, given_flags(argv))
+        d.finish()
+        return rc
     finally:
         d.close()
 
