@@ -14,6 +14,8 @@ Shapes for a 64 x 320 image: 64x320 -> pool 33x161 -> pool 17x81 -> pool(2,1) 8x
 the height: formulas are long and short, so the width keeps more resolution than the height.
 """
 
+from functools import partial
+
 import torch.nn as nn
 from torch import Tensor
 
@@ -43,16 +45,16 @@ class Encoder(nn.Module):
         if len(widths) != 4:
             raise ValueError(f"cnn_widths needs 4 entries, got {widths}")
         w1, w2, w3, w4 = widths
-        bn = batch_norm
+        conv = partial(_conv, batch_norm=batch_norm)
         self.net = nn.Sequential(
-            *_conv(in_channels, w1, batch_norm=bn),
+            *conv(in_channels, w1),
             nn.MaxPool2d(kernel_size=2, stride=2, padding=1),
-            *_conv(w1, w2, batch_norm=bn),
+            *conv(w1, w2),
             nn.MaxPool2d(kernel_size=2, stride=2, padding=1),
-            *_conv(w2, w3, batch_norm=bn),
-            *_conv(w3, w4, batch_norm=bn),
+            *conv(w2, w3),
+            *conv(w3, w4),
             nn.MaxPool2d(kernel_size=(2, 1), stride=(2, 1)),
-            *_conv(w4, out_dim, padding=0, batch_norm=bn),
+            *conv(w4, out_dim, padding=0),
         )
 
     def forward(self, imgs: Tensor) -> Tensor:

@@ -5,6 +5,7 @@ suite needs nothing but the repository and TeX."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
+HAVE_TEX = shutil.which("pdflatex") is not None and shutil.which("gs") is not None
 TINY_MODEL = ["--emb_dim", "16", "--dec_rnn_h", "32", "--enc_out_dim", "32",
               "--cnn_widths", "8", "8", "16", "16", "--add_position_features"]
 

@@ -1,7 +1,6 @@
 """data.image: the dataset look, user-image loading and scale normalization."""
 
 import io
-import shutil
 
 import numpy as np
 import pytest
@@ -25,8 +24,7 @@ from data.image import (
     pad_to_bucket,
     read_gray_png,
 )
-
-HAVE_TEX = shutil.which("pdflatex") is not None and shutil.which("gs") is not None
+from tests.conftest import HAVE_TEX
 
 
 def blank(h: int = 20, w: int = 30) -> np.ndarray:

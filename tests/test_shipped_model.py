@@ -1,16 +1,12 @@
 """The model shipped in checkpoints/: loads safely, is small, and reads rendered formulas with
 no flags at all (what a user of a fresh clone runs first)."""
 
-import shutil
-
 import pytest
 import torch
 
 from data.normalize import detokenize
 from model.checkpoint import DEFAULT_MODEL, load_checkpoint, load_model
-from tests.conftest import run_script
-
-HAVE_TEX = shutil.which("pdflatex") is not None and shutil.which("gs") is not None
+from tests.conftest import HAVE_TEX, run_script
 
 FORMULAS = [
     "x ^ { 2 } + y ^ { 2 } = z ^ { 2 }",
