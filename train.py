@@ -255,8 +255,10 @@ def write_log(save_dir: Path, row: dict) -> None:
     """Append the epoch's figures to log.csv and redraw curves.png from the whole file."""
     path = save_dir / "log.csv"
     new = not path.is_file()
+    # a run resumed by a newer version keeps the columns its log started with
+    fields = list(row) if new else path.read_text().splitlines()[0].split(",")
     with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(row))
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         if new:
             w.writeheader()
         w.writerow(row)
@@ -340,7 +342,8 @@ def train(args: argparse.Namespace, d: Dist, given: set[str]) -> int:
             log("note: batch-norm statistics are per process on CPU (SyncBatchNorm needs "
                 "CUDA), so this run is close to, not equal to, one process with the global "
                 "batch; --no_batch_norm makes them equal")
-    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = model.configure_optimizer(args.lr)
+    params = optimizer.param_groups[0]["params"]
     net = DDP(model, device_ids=[d.device] if cuda else None) if d.world > 1 else model
     log(f"model: {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters, "
         f"vocabulary {len(vocab)}, device {d.device}, {d.world} process(es), "
@@ -366,7 +369,6 @@ def train(args: argparse.Namespace, d: Dist, given: set[str]) -> int:
         f"effective batch {args.batch_size * d.world} ({args.batch_size} x {d.world}), "
         f"lr {args.lr:g}")
 
-    optimizer = torch.optim.Adam(params, lr=args.lr, fused=cuda or None)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, factor=args.lr_decay, patience=args.lr_patience, min_lr=args.min_lr)
     torch.manual_seed(args.seed + d.rank)  # different dropout masks per rank
@@ -411,7 +413,12 @@ def train(args: argparse.Namespace, d: Dist, given: set[str]) -> int:
                    disable=args.quiet or not d.main, initial=step_in_epoch, total=len(batches),
                    dynamic_ncols=True)
         ep_loss, ep_n = 0.0, 0
+        waited = worked = 0.0  # seconds this epoch: for the next batch / on steps
+        mark = time.perf_counter()
         for batch in bar:
+            arrived = time.perf_counter()
+            if ep_n:  # the first batch also waits for the workers to start: not steady state
+                waited += arrived - mark
             tf = teacher_forcing_ratio(args.sample_method, step, args.decay_k)
             while True:
                 optimizer.zero_grad(set_to_none=True)
@@ -441,6 +448,9 @@ def train(args: argparse.Namespace, d: Dist, given: set[str]) -> int:
             stop = d.sum(want_stop)[0] > 0  # all ranks take part, so all stop at one step
             if stop or step % args.save_every == 0:
                 checkpoint(save_dir / LAST)
+            mark = time.perf_counter()  # every step ends in a host sync: the device is idle now
+            if ep_n > 1:
+                worked += mark - arrived
             if stop:
                 break
         bar.close()
@@ -461,15 +471,18 @@ def train(args: argparse.Namespace, d: Dist, given: set[str]) -> int:
         if not d.main:
             continue
         train_loss = ep_loss / max(ep_n, 1)
+        data_wait = waited / max(waited + worked, 1e-9)
         row = {"epoch": epoch, "step": step, "train_loss": round(train_loss, 5),
                "train_ppl": round(math.exp(min(train_loss, 50)), 4),
                **{k: round(v, 5) for k, v in metrics.items()},
                "lr": optimizer.param_groups[0]["lr"],
-               "minutes": round((time.time() - started) / 60, 2)}
+               "minutes": round((time.time() - started) / 60, 2),
+               "data_wait": round(data_wait, 4)}
         write_log(save_dir, row)
         log(f"epoch {epoch}: train loss {train_loss:.4f}, val loss {metrics['val_loss']:.4f}, "
             f"val ppl {metrics['val_ppl']:.3f}, val token acc {metrics['val_acc']:.4f}"
-            + (" (best)" if improved else ""), flush=True)
+            + (" (best)" if improved else "")
+            + f"; {100 * data_wait:.1f}% of the time waiting for data", flush=True)
     return 0
 
 

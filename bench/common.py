@@ -16,12 +16,13 @@ import subprocess
 import sys
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import torch
 
 from bench.baseline import BaselineIm2Latex, copy_weights
+from bench.floor import step_floor
 from model import Im2Latex, ModelConfig
 from model.im2latex import bf16_is_native
 
@@ -120,12 +121,17 @@ def time_side(run: Callable[[], object], args: argparse.Namespace) -> dict:
     }
 
 
-def child_main(args: argparse.Namespace, sides: dict[str, Callable]) -> None:
-    """In a subprocess: set threads, build the side's closure, time it, print one JSON line."""
+def child_main(args: argparse.Namespace, sides: dict[str, Callable],
+               counted: Collection[str] = ()) -> None:
+    """In a subprocess: set threads, build the side's closure, time it, print one JSON line.
+    Sides in `counted` also get their arithmetic floor (bench/floor.py), after the timing."""
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
     run = sides[args.side](args)
-    print(json.dumps(time_side(run, args)), flush=True)
+    result = time_side(run, args)
+    if args.side in counted:
+        result["floor"] = step_floor(run, args.device)
+    print(json.dumps(result), flush=True)
 
 
 def run_side(module: str, side: str, argv: list[str]) -> dict:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from bench.baseline import baseline_loss, to_rgb
 from bench.common import PAD, build_models, child_main, describe, images, parse, parser, run_side
+from bench.floor import describe_floor
 
 
 def _targets(args) -> torch.Tensor:
@@ -30,7 +31,7 @@ def _targets(args) -> torch.Tensor:
 def ours(args):
     model, _ = build_models(args)
     model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    opt = model.configure_optimizer(lr=1e-4)  # as train.py
     imgs, tgt = images(args), _targets(args)
 
     def step():
@@ -63,9 +64,12 @@ def main() -> None:
     p = parser(__doc__.splitlines()[0], steps=2, warmup=1)
     p.add_argument("--tgt_len", type=int, default=100, help="decoder steps per formula")
     p.add_argument("--teacher_forcing", type=float, default=1.0)
+    p.add_argument("--floor", type=int, default=1,
+                   help="also count our step's work and print its arithmetic floor (0/1)")
     args = parse(p)
     if args.side:
-        return child_main(args, {"ours": ours, "baseline": baseline})
+        return child_main(args, {"ours": ours, "baseline": baseline},
+                          counted={"ours"} if args.floor else ())
     argv = sys.argv[1:]
     baseline_name = args.baseline_repo or "stand-in (bench/baseline.py)"
     print(f"train_speed: batch {args.batch}, {args.height}x{args.width}, {args.tgt_len} tokens, "
@@ -73,6 +77,8 @@ def main() -> None:
           f"baseline={baseline_name}", flush=True)  # fmt: skip
     r_ours = run_side("bench.train_speed", "ours", argv)
     print(describe("ours", r_ours), flush=True)
+    if "floor" in r_ours:
+        print(describe_floor(r_ours["floor"], r_ours["wall_s"]), flush=True)
     r_base = run_side("bench.train_speed", "baseline", argv)
     print(describe("baseline", r_base), flush=True)
     cpu_ratio = r_base["cpu_s"] / r_ours["cpu_s"]

@@ -26,3 +26,8 @@ def test_bench_runs_both_sides(script, extra, summary):
     lines = p.stdout.strip().splitlines()
     assert re.match(summary, lines[-1]), lines[-1]
     assert any("baseline" in ln and "img/s" in ln for ln in lines[:-1])
+    if script == "bench/train_speed.py":  # our step's arithmetic floor, below the measured time
+        floor = next(ln for ln in lines if ln.strip().startswith("floor:"))
+        assert re.search(r"tensor ops, 0 host syncs; measured [\d.]+ ms = [\d.]+x the floor$",
+                         floor), floor
+        assert float(floor.rsplit("= ", 1)[1].split("x")[0]) >= 1.0, floor

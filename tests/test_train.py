@@ -8,6 +8,7 @@ import time
 import torch
 
 import train
+from data.dataset import FormulaDataset
 from data.vocab import Vocab
 from model.checkpoint import load_checkpoint, load_model
 from tests.conftest import ROOT, TINY_MODEL, run_script
@@ -124,3 +125,18 @@ def test_export_ships_half_precision_weights_that_load(tiny_dataset, tiny_model,
     assert vocab == load_model(tiny_model)[1]
     p = run_script("export_model.py", tmp_path / "missing.pt", dst, check=False)
     assert p.returncode == 1 and "not found" in p.stderr
+
+
+def test_the_log_says_how_long_training_waited_for_data(tiny_dataset, tmp_path, monkeypatch):
+    """Measured per epoch (steady state): a loader slower than the steps shows up as waiting."""
+    fast, slow = tmp_path / "fast", tmp_path / "slow"
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # in-process: leave pytest's
+    args = ["--data_path", str(tiny_dataset), *map(str, COMMON), "--epoches", "1"]
+    assert train.main([*args, "--save_dir", str(fast)]) == 0
+    read = FormulaDataset.__getitem__
+    monkeypatch.setattr(FormulaDataset, "__getitem__", lambda self, i: (time.sleep(0.05),
+                                                                       read(self, i))[1])
+    assert train.main([*args, "--save_dir", str(slow)]) == 0
+    wait = {run: float(next(csv.DictReader(open(run / "log.csv")))["data_wait"])
+            for run in (fast, slow)}
+    assert 0.0 <= wait[fast] < 0.5 < wait[slow] <= 1.0, wait
