@@ -10,6 +10,7 @@ import torch
 import train
 from data.dataset import FormulaDataset
 from data.vocab import Vocab
+from model import Im2Latex
 from model.checkpoint import load_checkpoint, load_model
 from tests.conftest import ROOT, TINY_MODEL, run_script
 
@@ -140,3 +141,29 @@ def test_the_log_says_how_long_training_waited_for_data(tiny_dataset, tmp_path, 
     wait = {run: float(next(csv.DictReader(open(run / "log.csv")))["data_wait"])
             for run in (fast, slow)}
     assert 0.0 <= wait[fast] < 0.5 < wait[slow] <= 1.0, wait
+
+
+def test_a_step_out_of_gpu_memory_is_retried_in_micro_batches_with_the_same_result(
+        tiny_dataset, tmp_path, monkeypatch, capsys):
+    """The OOM path runs on CPU here: the model raises CUDA's out-of-memory error for any piece
+    of more than 3 images, as a card with too little memory would."""
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    args = ["--data_path", str(tiny_dataset), *TINY_MODEL, "--no_batch_norm", "--batch_size",
+            "8", "--workers", "0", "--quiet", "--max_steps", "4", "--amp", "off"]
+    assert train.main([*args, "--save_dir", str(tmp_path / "whole")]) == 0
+    forward = Im2Latex.forward
+
+    def small_memory(self, imgs, *a, **k):
+        if len(imgs) > 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(self, imgs, *a, **k)
+
+    monkeypatch.setattr(Im2Latex, "forward", small_memory)
+    assert train.main([*args, "--save_dir", str(tmp_path / "pieces")]) == 0
+    out = capsys.readouterr().out
+    assert "retried in 2 micro-batches" in out and "retried in 4 micro-batches" in out
+    whole = load_checkpoint(tmp_path / "whole" / "last.pt")
+    pieces = load_checkpoint(tmp_path / "pieces" / "last.pt")
+    assert whole["step"] == pieces["step"] == 4
+    for k, w in whole["model"].items():
+        torch.testing.assert_close(pieces["model"][k], w, rtol=1e-4, atol=1e-5, msg=k)
