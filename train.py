@@ -41,7 +41,7 @@ from model.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from model.im2latex import Im2Latex, ModelConfig, bf16_is_native
+from model.im2latex import Im2Latex, ModelConfig, bf16_is_native, use_tf32_on_cuda
 from model.sampling import teacher_forcing_ratio
 
 # Flags that define a run: --from_check_point takes them from the checkpoint unless they are
@@ -299,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
 def train(args: argparse.Namespace, d: Dist, given: set[str]) -> int:
     data_dir, save_dir = Path(args.data_path), Path(args.save_dir)
     cuda = d.device.type == "cuda"
+    if cuda:
+        use_tf32_on_cuda()
     amp = args.amp == "on" or (args.amp == "auto" and bf16_is_native(d.device))
     log = print if d.main else (lambda *a, **k: None)
 
@@ -454,9 +456,11 @@ def train(args: argparse.Namespace, d: Dist, given: set[str]) -> int:
             if stop:
                 break
         bar.close()
+        data_wait = waited / max(waited + worked, 1e-9)
         if stop and step_in_epoch < len(batches):
-            log(f"stopped at step {step} (epoch {epoch + 1}, {step_in_epoch}/{len(batches)}); "
-                "continue with --from_check_point")
+            log(f"stopped at step {step} (epoch {epoch + 1}, {step_in_epoch}/{len(batches)}; "
+                f"{100 * data_wait:.1f}% of the time waiting for data); continue with "
+                "--from_check_point")
             break
 
         # --- end of epoch: validate, schedule, checkpoint, log
@@ -471,7 +475,6 @@ def train(args: argparse.Namespace, d: Dist, given: set[str]) -> int:
         if not d.main:
             continue
         train_loss = ep_loss / max(ep_n, 1)
-        data_wait = waited / max(waited + worked, 1e-9)
         row = {"epoch": epoch, "step": step, "train_loss": round(train_loss, 5),
                "train_ppl": round(math.exp(min(train_loss, 50)), 4),
                **{k: round(v, 5) for k, v in metrics.items()},

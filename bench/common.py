@@ -24,7 +24,7 @@ import torch
 from bench.baseline import BaselineIm2Latex, copy_weights
 from bench.floor import step_floor
 from model import Im2Latex, ModelConfig
-from model.im2latex import bf16_is_native
+from model.im2latex import bf16_is_native, use_tf32_on_cuda
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -127,6 +127,8 @@ def child_main(args: argparse.Namespace, sides: dict[str, Callable],
     Sides in `counted` also get their arithmetic floor (bench/floor.py), after the timing."""
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
+    if torch.device(args.device).type == "cuda":
+        use_tf32_on_cuda()  # as train.py, for both sides
     run = sides[args.side](args)
     result = time_side(run, args)
     if args.side in counted:

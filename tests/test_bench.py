@@ -31,3 +31,12 @@ def test_bench_runs_both_sides(script, extra, summary):
         assert re.search(r"tensor ops, 0 host syncs; measured [\d.]+ ms = [\d.]+x the floor$",
                          floor), floor
         assert float(floor.rsplit("= ", 1)[1].split("x")[0]) >= 1.0, floor
+
+
+def test_loader_speed_times_each_worker_count():
+    p = subprocess.run([sys.executable, str(ROOT / "bench/loader_speed.py"), "--synthetic", "400",
+                        "--batches", "4", "--workers", "0", "1"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:]
+    last = p.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"loader_speed: workers 0 \d+ img/s, workers 1 \d+ img/s", last), last
