@@ -31,6 +31,7 @@ from tqdm import tqdm
 from data.dataset import BucketBatchSampler, FormulaDataset, collate
 from data.shards import ShardError
 from data.vocab import Vocab, VocabError
+from model.batch_norm import to_global_batch_norm
 from model.checkpoint import (
     BEST,
     LAST,
@@ -337,13 +338,11 @@ def train(args: argparse.Namespace, d: Dist, given: set[str]) -> int:
     model.to(d.device).train()
     if args.freeze_encoder:
         model.freeze_encoder()
-    if d.world > 1 and model.cfg.batch_norm:
-        if cuda:  # statistics over the global batch, as one process would compute them
+    if d.world > 1 and model.cfg.batch_norm:  # statistics over the global batch, as one
+        if cuda:                                   # process would compute them
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        else:
-            log("note: batch-norm statistics are per process on CPU (SyncBatchNorm needs "
-                "CUDA), so this run is close to, not equal to, one process with the global "
-                "batch; --no_batch_norm makes them equal")
+        else:  # SyncBatchNorm needs CUDA
+            model = to_global_batch_norm(model)
     optimizer = model.configure_optimizer(args.lr)
     params = optimizer.param_groups[0]["params"]
     net = DDP(model, device_ids=[d.device] if cuda else None) if d.world > 1 else model

@@ -72,9 +72,10 @@ class BucketBatchSampler(Sampler[list[int]]):
     exactly as a single process with that batch size would draw them, and each is cut into one
     slice per rank, so a distributed step trains on the same images as the single-process
     step. Every rank runs the same number of steps. A slice left empty (a bucket's last batch
-    smaller than the number of ranks) is filled with a *padding entry*: `-1 - i` for an index
-    `i` of the batch, which the dataset loads with no target tokens, so it adds nothing to the
-    loss or the gradient.
+    smaller than the number of ranks) is a *padding entry*: `-1 - i` for an index `i` of the
+    batch, which `collate` turns into a batch of no images (of the bucket's size), so that the
+    rank takes part in the step's collectives while adding nothing to the loss, the gradient
+    or the batch-norm statistics.
 
     With `lengths` (tokens per index), each bucket's shuffled items are taken `pool` batches at
     a time and sorted by formula length before being cut into batches. A batch costs the
@@ -137,15 +138,16 @@ def collate(batch: Sequence[tuple[np.ndarray, list[int] | None]], bos: int = Voc
     """Stack one bucket's images (uint8, B x 1 x H x W) and build decoder input/target.
 
     tgt_in = `<s> y1 .. yn`, tgt_out = `y1 .. yn </s>`, both padded with `<pad>` to the
-    longest formula in the batch; a padding entry (ids None) gets an all-`<pad>` target, which
-    the loss ignores."""
-    imgs = torch.from_numpy(np.stack([img for img, _ in batch]))[:, None]  # B x 1 x H x W
+    longest formula in the batch. Padding entries (ids None) are left out: a batch of only
+    those has B = 0."""
+    shape = batch[0][0].shape
+    batch = [(img, ids) for img, ids in batch if ids is not None]
+    imgs = torch.from_numpy(np.stack([img for img, _ in batch]) if batch
+                            else np.empty((0, *shape), np.uint8))[:, None]  # B x 1 x H x W
     T = max((len(ids) for _, ids in batch if ids is not None), default=0) + 1
     tgt_in = torch.full((len(batch), T), pad, dtype=torch.long)
     tgt_out = torch.full((len(batch), T), pad, dtype=torch.long)
     for i, (_, ids) in enumerate(batch):
-        if ids is None:
-            continue
         seq = torch.tensor(ids, dtype=torch.long)
         tgt_in[i, 0] = bos
         tgt_in[i, 1:len(ids) + 1] = seq

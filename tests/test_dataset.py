@@ -70,10 +70,10 @@ def test_a_batch_smaller_than_the_ranks_gets_padding_entries():
     assert parts == [[[7]], [[-8]], [[-8]]]
 
 
-def test_padding_entries_have_no_targets():
-    v = Vocab.build(["a"])
-    out = collate([(np.zeros((4, 4), np.uint8), None)])
-    assert (out["tgt_out"] == v.pad_id).all()
+def test_a_slice_of_padding_entries_is_a_batch_of_no_images_of_the_buckets_size():
+    out = collate([(np.zeros((4, 6), np.uint8), None)])
+    assert out["imgs"].shape == (0, 1, 4, 6) and out["imgs"].dtype == torch.uint8
+    assert out["tgt_in"].shape[0] == out["tgt_out"].shape[0] == 0
 
 
 def test_collate_builds_shifted_targets():

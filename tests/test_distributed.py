@@ -10,9 +10,12 @@ import torch
 from model.checkpoint import load_checkpoint
 from tests.conftest import ROOT, TINY_MODEL, run_script
 
-# The plain conv stack: batch norm computes its statistics per process on CPU (SyncBatchNorm
-# needs CUDA), which makes 2 processes differ from one by design.
-ARGS = [*TINY_MODEL, "--no_batch_norm", "--workers", "0", "--quiet", "--threads", "1",
+# With the encoder's batch norm, whose statistics model/batch_norm.py all-reduces on CPU. In
+# fp32: with the bf16 encoder, two batch-norm kernels round activations to bf16 differently,
+# and Adam turns those one-unit differences into ~lr-sized steps on the conv weights before a
+# norm (their gradients are tiny: the norm makes the loss blind to their scale). The losses
+# still agree to ~1e-4 then.
+ARGS = [*TINY_MODEL, "--amp", "off", "--workers", "0", "--quiet", "--threads", "1",
         "--print_freq", "1", "--epoches", "3"]
 
 
@@ -37,7 +40,7 @@ def test_two_gloo_processes_match_one_process(tiny_dataset, tmp_path):
     assert "effective batch 8 (4 x 2)" in multi.stdout
     a, b = losses(single.stdout), losses(multi.stdout)
     assert len(a) == len(b) == 4
-    assert all(abs(x - y) < 1e-3 for x, y in zip(a, b)), (a, b)
+    assert all(abs(x - y) < 2e-4 for x, y in zip(a, b)), (a, b)  # printed to 4 decimals
     wa = load_checkpoint(tmp_path / "one" / "last.pt")["model"]
     wb = load_checkpoint(tmp_path / "two" / "last.pt")["model"]
     # Adam divides by sqrt(v): where a gradient is ~0 (a dead ReLU channel), float noise from

@@ -1,0 +1,61 @@
+"""Batch norm over the global batch of a distributed run, for backends PyTorch's SyncBatchNorm
+does not serve (it needs CUDA; CPU workers under gloo would otherwise normalize each over its
+own slice of the batch).
+
+The statistics are sums, all-reduced with `torch.distributed.nn.functional.all_reduce`, which is
+differentiable: its backward all-reduces the gradients, so every rank's input gradient includes
+the effect of its images on the other ranks' normalization, as one process with the whole batch
+would compute it.  Two passes (the mean, then the squared deviations from it) keep the variance
+as accurate as the single-process kernel's.
+"""
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+import torch.nn as nn
+from torch import Tensor
+
+
+def _global_sum(t: Tensor) -> Tensor:
+    return dist_fn.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """`nn.BatchNorm2d` whose training-mode statistics cover every rank's images.  Same
+    parameters and buffers, so its state dict is a BatchNorm2d's; in eval mode it is one."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        # x: B x C x H x W, this rank's images
+        x32 = x.float()
+        dims = (0, 2, 3)
+        count = _global_sum(x32.new_tensor([x.numel() / x.shape[1]]))  # values per channel
+        mean = _global_sum(x32.sum(dims)) / count  # C
+        var = _global_sum((x32 - mean[:, None, None]).square().sum(dims)) / count  # C, biased
+        y = (x32 - mean[:, None, None]) * torch.rsqrt(var + self.eps)[:, None, None]
+        if self.affine:
+            y = y * self.weight[:, None, None] + self.bias[:, None, None]
+        if self.track_running_stats:
+            with torch.no_grad():  # as BatchNorm2d: the running variance is the unbiased one
+                self.num_batches_tracked += 1
+                momentum = self.momentum or 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean, momentum)
+                self.running_var.lerp_(var * count / (count - 1).clamp(min=1), momentum)
+        return y.to(x.dtype)
+
+
+def to_global_batch_norm(module: nn.Module) -> nn.Module:
+    """`module` with every BatchNorm2d replaced by a GlobalBatchNorm2d holding its state."""
+    if isinstance(module, nn.BatchNorm2d) and not isinstance(module, GlobalBatchNorm2d):
+        new = GlobalBatchNorm2d(module.num_features, module.eps, module.momentum,
+                                module.affine, module.track_running_stats,
+                                device=module.running_mean.device)  # fmt: skip
+        new.load_state_dict(module.state_dict())
+        new.train(module.training)
+        for p_new, p_old in zip(new.parameters(), module.parameters()):
+            p_new.requires_grad_(p_old.requires_grad)
+        return new
+    for name, child in module.named_children():
+        setattr(module, name, to_global_batch_norm(child))
+    return module
