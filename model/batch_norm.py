@@ -2,22 +2,38 @@
 does not serve (it needs CUDA; CPU workers under gloo would otherwise normalize each over its
 own slice of the batch).
 
-The statistics are sums, all-reduced with `torch.distributed.nn.functional.all_reduce`, which is
-differentiable: its backward all-reduces the gradients, so every rank's input gradient includes
-the effect of its images on the other ranks' normalization, as one process with the whole batch
-would compute it.  Two passes (the mean, then the squared deviations from it) keep the variance
-as accurate as the single-process kernel's.
+The statistics are sums, all-reduced by `_GlobalSum`, whose backward all-reduces the gradients
+too, so every rank's input gradient includes the effect of its images on the other ranks'
+normalization, as one process with the whole batch would compute it. Two passes (the mean,
+then the squared deviations from it) keep the variance as accurate as the single-process
+kernel's.
 """
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 import torch.nn as nn
 from torch import Tensor
 
 
+class _GlobalSum(torch.autograd.Function):
+    """Sum over ranks. Its gradient is again a sum over ranks: every rank's loss depends on
+    every rank's contribution to the sum."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor) -> Tensor:
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 def _global_sum(t: Tensor) -> Tensor:
-    return dist_fn.all_reduce(t, op=dist.ReduceOp.SUM)
+    return _GlobalSum.apply(t)
 
 
 class GlobalBatchNorm2d(nn.BatchNorm2d):
