@@ -64,8 +64,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--add_position_features", action="store_true")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--no_batch_norm", dest="batch_norm", action="store_false",
-                   help="the plain conv stack (batch norm makes CPU multi-process runs differ "
-                        "from one process: SyncBatchNorm needs CUDA)")
+                   help="the plain conv stack, as luopeixiang/im2latex (with batch norm, an "
+                        "out-of-memory retry in micro-batches is not exactly the whole batch)")
     p.add_argument("--image_scale", type=float, default=1.0,
                    help="the encoder resizes images by this factor first (0.5: ~4x cheaper)")
     # optimisation
