@@ -105,13 +105,17 @@ def export_weights(src: str | Path, dst: str | Path, note: str = "") -> dict:
 def rng_state() -> dict[str, Any]:
     """Every RNG a training step draws from (dropout, scheduled sampling, shuffling)."""
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_initialized():  # this process's device only: one GPU per DDP rank
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate((3, tuple(state["python"]), None))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, list):  # saved by earlier versions: every visible device's state
+        i = torch.cuda.current_device() if torch.cuda.is_available() else len(cuda)
+        cuda = cuda[i] if i < len(cuda) else None
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)
