@@ -179,10 +179,11 @@ class Dist:
         self.main = self.rank == 0
 
     def sum(self, *values: float | torch.Tensor) -> list[float]:
+        if self.world == 1:
+            return [float(v) for v in values]
         t = torch.tensor([float(v) for v in values], dtype=torch.float64,
                          device=self.device if self.device.type == "cuda" else "cpu")
-        if self.world > 1:
-            dist.all_reduce(t)
+        dist.all_reduce(t)
         return t.tolist()
 
     def gather(self, obj: object) -> list:
