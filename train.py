@@ -339,8 +339,9 @@ def train(args: argparse.Namespace, d: Dist, given: set[str]) -> int:
     model.to(d.device).train()
     if args.freeze_encoder:
         model.freeze_encoder()
-    if d.world > 1 and model.cfg.batch_norm:  # statistics over the global batch, as one
-        if cuda:                                   # process would compute them
+    # batch-norm statistics over the global batch, as one process would compute them
+    if d.world > 1 and model.cfg.batch_norm:
+        if cuda:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         else:  # SyncBatchNorm needs CUDA
             model = to_global_batch_norm(model)

@@ -144,7 +144,7 @@ def collate(batch: Sequence[tuple[np.ndarray, list[int] | None]], bos: int = Voc
     batch = [(img, ids) for img, ids in batch if ids is not None]
     imgs = torch.from_numpy(np.stack([img for img, _ in batch]) if batch
                             else np.empty((0, *shape), np.uint8))[:, None]  # B x 1 x H x W
-    T = max((len(ids) for _, ids in batch if ids is not None), default=0) + 1
+    T = max((len(ids) for _, ids in batch), default=0) + 1
     tgt_in = torch.full((len(batch), T), pad, dtype=torch.long)
     tgt_out = torch.full((len(batch), T), pad, dtype=torch.long)
     for i, (_, ids) in enumerate(batch):
