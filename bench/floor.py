@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from functools import partial
 
@@ -31,6 +31,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
+from torch.utils.module_tracker import ModuleTracker
 
 aten = torch.ops.aten
 NO_TRAFFIC = {aten.empty, aten.empty_like, aten.empty_strided, aten.detach, aten.alias,
@@ -43,14 +44,25 @@ def distinct_bytes(t: torch.Tensor) -> int:
 
 
 class StepCount(TorchDispatchMode):
-    """Counts what the operations dispatched inside `with StepCount() as c:` ask of the device."""
+    """Counts what the operations dispatched inside `with StepCount() as c:` ask of the device.
 
-    def __init__(self) -> None:
+    With a `ModuleTracker` entered around the step, `parts` also splits the work by the model's
+    top-level submodule (forward and backward together), so the floor says which part to
+    speed up; work outside them (the loss, the optimizer) is "other"."""
+
+    def __init__(self, tracker: ModuleTracker | None = None) -> None:
         super().__init__()
         self.flops: Counter = Counter()  # dtype name -> FLOPs
         self.bytes = 0
         self.ops = 0
         self.syncs = 0
+        self.tracker = tracker
+        self.parts: dict[str, Counter] = defaultdict(Counter)  # part -> flops, bytes, ops
+
+    def _part(self) -> str:
+        # ModuleTracker names modules "Root.child.grandchild": the parts are the root's children
+        names = [n for n in self.tracker.parents if n.count(".") == 1] if self.tracker else []
+        return names[0].split(".")[1] if names else "other"
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -64,17 +76,20 @@ class StepCount(TorchDispatchMode):
         reads = [t for t in tree_flatten((args, {k: v for k, v in kwargs.items() if k != "out"}))[0]
                  if isinstance(t, torch.Tensor)]  # fmt: skip
         writes = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-        self.bytes += sum(map(distinct_bytes, reads)) + sum(map(distinct_bytes, writes))
+        moved = sum(map(distinct_bytes, reads)) + sum(map(distinct_bytes, writes))
+        flops = 0
         if packet in flop_registry:
+            flops = flop_registry[packet](*args, **kwargs, out_val=out)
+        self.bytes += moved
+        if flops:
             dtype = writes[0].dtype if writes else torch.float32
-            self.flops[str(dtype).removeprefix("torch.")] += flop_registry[packet](
-                *args, **kwargs, out_val=out
-            )
+            self.flops[str(dtype).removeprefix("torch.")] += flops
+        self.parts[self._part()].update(flops=flops, bytes=moved, ops=1)
         return out
 
 
 def count_step(step: Callable[[], object]) -> StepCount:
-    with StepCount() as count:
+    with ModuleTracker() as tracker, StepCount(tracker) as count:
         step()
     return count
 
@@ -124,15 +139,21 @@ def step_floor(step: Callable[[], object], device: torch.device | str) -> dict:
     count = count_step(step)
     rates = machine_rates(device, sorted(count.flops) or ["float32"])
     return {"flops": dict(count.flops), "bytes": count.bytes, "ops": count.ops,
-            "syncs": count.syncs, "rates": rates, **floor(count, rates)}  # fmt: skip
+            "syncs": count.syncs, "parts": {k: dict(v) for k, v in count.parts.items()},
+            "rates": rates, **floor(count, rates)}  # fmt: skip
 
 
 def describe_floor(r: dict, measured_s: float) -> str:
+    """Two lines: the floor against the measured time, and the work split by model part."""
     flops = " + ".join(f"{f / 1e9:.1f} GFLOP {d} at {r['rates'][f'flops_{d}'] / 1e12:.2f} TFLOP/s"
                        for d, f in sorted(r["flops"].items()))  # fmt: skip
     return (
         f"  floor: {flops} = {r['compute_s'] * 1e3:.1f} ms; "
         f"{r['bytes'] / 1e9:.2f} GB at {r['rates']['bytes'] / 1e9:.1f} GB/s = "
         f"{r['memory_s'] * 1e3:.1f} ms; {r['ops']} tensor ops, {r['syncs']} host syncs; "
-        f"measured {measured_s * 1e3:.1f} ms = {measured_s / r['floor_s']:.1f}x the floor"
+        f"measured {measured_s * 1e3:.1f} ms = {measured_s / r['floor_s']:.1f}x the floor\n"
+        "  by part (forward + backward): " + "; ".join(
+            f"{name} {p['flops'] / 1e9:.1f} GFLOP, {p['bytes'] / 1e9:.2f} GB, {p['ops']} ops"
+            for name, p in sorted(r["parts"].items(), key=lambda kv: -kv[1]["bytes"])
+        )
     )

@@ -66,3 +66,13 @@ def test_a_training_step_never_syncs_with_the_host_at_any_length(teacher_forcing
     long = count_step(_train_step(12, teacher_forcing))
     assert short.syncs == long.syncs == 0
     assert long.ops > short.ops  # the decoder loop was counted, token by token
+
+
+def test_the_work_splits_by_model_part_and_adds_up():
+    c = count_step(_train_step(6, 1.0))
+    assert set(c.parts) == {"encoder", "decoder", "other"}  # other: the loss and Adam
+    for key, total in (("ops", c.ops), ("bytes", c.bytes), ("flops", sum(c.flops.values()))):
+        assert sum(p[key] for p in c.parts.values()) == total, key
+    assert c.parts["encoder"]["flops"] > 0 and c.parts["decoder"]["flops"] > 0
+    assert c.parts["other"]["flops"] == 0  # no matmul outside the model
+    assert c.parts["decoder"]["ops"] > c.parts["encoder"]["ops"] + c.parts["other"]["ops"]
