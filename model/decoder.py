@@ -208,6 +208,8 @@ class Attention(nn.Module):
             return AttentionFn.apply(q, keys, values, self.beta, tape)
         if torch.is_grad_enabled():
             raise RuntimeError("gradients through attention need a tape: use Decoder.forward")
+        if batch == 0:  # a rank's empty slice of a distributed batch: nothing to attend to
+            return values.new_empty(0, values.shape[-1]), keys.new_empty(0, keys.shape[1])
         q = q.view(batch, rows // batch, -1)  # B x N x A
         if scratch is None:
             scratch = scratch_for(keys, q.shape[1])

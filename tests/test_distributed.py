@@ -1,5 +1,6 @@
 """torchrun with 2 CPU processes (gloo) trains like one process with the same global batch."""
 
+import csv
 import os
 import re
 import subprocess
@@ -67,3 +68,17 @@ def test_distributed_resume(tiny_dataset, tmp_path):
     wa = load_checkpoint(tmp_path / "full" / "last.pt")["model"]
     wb = load_checkpoint(tmp_path / "part" / "last.pt")["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_whole_epoch_with_empty_slices_logs_what_one_process_logs(tiny_dataset, tmp_path):
+    """Global batches of 6 over 2 ranks: a bucket's last batch of 1 image leaves one rank
+    nothing, in training and in validation (which is sharded over the ranks too)."""
+    run_script("train.py", "--data_path", tiny_dataset, "--save_dir", tmp_path / "one", *ARGS,
+               "--batch_size", "6", "--epoches", "1")
+    torchrun("--data_path", tiny_dataset, "--save_dir", tmp_path / "two", *ARGS,
+             "--batch_size", "3", "--epoches", "1")
+    one, two = ([row for row in csv.DictReader(open(tmp_path / run / "log.csv"))]
+                for run in ("one", "two"))
+    assert len(one) == len(two) == 1 and one[0]["step"] == two[0]["step"]
+    for key in ("train_loss", "val_loss", "val_acc"):
+        assert abs(float(one[0][key]) - float(two[0][key])) < 1e-4, (key, one, two)

@@ -282,3 +282,15 @@ def test_a_frozen_encoder_keeps_its_batch_norm_statistics():
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert model.decoder.training and not model.encoder.training
     assert all(p.grad is None for p in model.encoder.parameters())
+
+
+def test_an_empty_batch_runs_in_training_and_evaluation():
+    """A distributed rank whose slice of a bucket's last batch is empty still runs the step."""
+    model = tiny_model()
+    imgs, tgt = images(0), tokens(0)
+    logits = model(imgs, tgt)
+    assert logits.shape == (0, 6, 20)
+    F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), reduction="sum").backward()
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+    with torch.no_grad():
+        assert model.eval()(imgs, tgt).shape == (0, 6, 20)
