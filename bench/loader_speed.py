@@ -8,9 +8,15 @@ consumes, so this times the loader alone: memory-mapped shards read, formulas to
 collated (and pinned where CUDA is available), through the same sampler and collate function
 as train.py.  Compare its img/s with bench/train_speed.py's on the same machine; train.py also
 logs the share of time it actually waited (log.csv `data_wait`, and the line printed on stop).
+
+It also prints the size of the dataset as pickled for a worker started by spawn or forkserver
+(`--start_method`; the default on macOS and Windows): the shards travel as paths and each
+worker maps them again, rather than receiving a copy of every image.
 """
 
 import argparse
+import multiprocessing as mp
+import pickle
 import sys
 import tempfile
 import time
@@ -28,14 +34,16 @@ from data.shards import load_split
 from data.vocab import Vocab
 
 
-def images_per_second(ds: FormulaDataset, batch: int, workers: int, batches: int) -> float:
+def images_per_second(ds: FormulaDataset, batch: int, workers: int, batches: int,
+                      start_method: str | None = None) -> float:
     """Images/s over `batches` batches, after the workers have started and delivered a few."""
     sampler = BucketBatchSampler(ds.bucket_items, batch, seed=0, lengths=ds.lengths)
     order = sampler.batches(0)
     warmup = min(10, len(order) // 4)
     loader = DataLoader(ds, batch_sampler=order[: warmup + batches], collate_fn=collate,
                         num_workers=workers, pin_memory=torch.cuda.is_available(),
-                        generator=torch.Generator())  # fmt: skip
+                        generator=torch.Generator(),
+                        multiprocessing_context=start_method if workers else None)  # fmt: skip
     it = iter(loader)
     for _ in range(warmup):
         next(it)
@@ -53,6 +61,8 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=300, help="timed batches per worker count")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--synthetic", type=int, default=20000, help="images, without --data_path")
+    p.add_argument("--start_method", choices=["fork", "spawn", "forkserver"],
+                   help="how workers start (default: the platform's; spawn on macOS/Windows)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="loader_speed_") as tmp:
         if args.data_path:
@@ -64,10 +74,15 @@ def main() -> None:
             vocab = Vocab.build(f for b in load_split(shard_dir) for f in b.formulas)
         ds = FormulaDataset(shard_dir, vocab)
         print(f"loader_speed: {len(ds)} images from {args.data_path or 'synthetic shards'}, "
-              f"batch {args.batch}, {args.batches} batches per setting")  # fmt: skip
+              f"batch {args.batch}, {args.batches} batches per setting, workers started by "
+              f"{args.start_method or mp.get_start_method()}")  # fmt: skip
+        # what a spawn / forkserver worker receives: the shards' paths, not their images
+        mapped = sum(b.images.nbytes for b in ds.buckets)
+        print(f"  dataset pickled for a worker: {len(pickle.dumps(ds)) / 2**20:.1f} MiB "
+              f"(its images, memory-mapped: {mapped / 2**20:.0f} MiB)")
         rates = {}
         for w in args.workers:
-            rates[w] = images_per_second(ds, args.batch, w, args.batches)
+            rates[w] = images_per_second(ds, args.batch, w, args.batches, args.start_method)
             print(f"  workers {w}: {rates[w]:8.0f} img/s", flush=True)
     print("loader_speed: " + ", ".join(f"workers {w} {r:.0f} img/s" for w, r in rates.items()))
 

@@ -124,6 +124,20 @@ class Bucket:
     names: list[str]
     formulas: list[str]
 
+    def __getstate__(self) -> dict:
+        """Pickled as the shard file's path, not its images: DataLoader workers started by
+        spawn or forkserver (the default on macOS and Windows, and on Linux from Python 3.14)
+        receive the dataset pickled, and would otherwise each get a copy of every image."""
+        state = dict(self.__dict__)
+        if isinstance(self.images, np.memmap) and self.images.filename:
+            state["images"] = Path(self.images.filename)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        if isinstance(state["images"], Path):
+            state["images"] = np.load(state["images"], mmap_mode="r", allow_pickle=False)
+        self.__dict__.update(state)
+
 
 def load_split(shard_dir: str | Path) -> list[Bucket]:
     """Open a split's shards lazily. Nothing is read into memory beyond the index."""

@@ -1,7 +1,10 @@
+import pickle
+
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
-from data.dataset import BucketBatchSampler, collate
+from data.dataset import BucketBatchSampler, FormulaDataset, collate
 from data.vocab import Vocab
 
 BUCKETS = [list(range(0, 10)), list(range(10, 13)), list(range(13, 40))]
@@ -85,3 +88,18 @@ def test_collate_builds_shifted_targets():
     a, b, c = v.index["a"], v.index["b"], v.index["c"]
     assert out["tgt_in"].tolist() == [[v.bos_id, a, b], [v.bos_id, c, v.pad_id]]
     assert out["tgt_out"].tolist() == [[a, b, v.eos_id], [c, v.eos_id, v.pad_id]]
+
+
+def test_workers_started_by_spawn_map_the_shards_instead_of_receiving_the_images(tiny_dataset):
+    """spawn / forkserver workers (macOS, Windows, Linux from Python 3.14) get the dataset
+    pickled: it must travel as shard paths, and read the same batches."""
+    ds = FormulaDataset(tiny_dataset / "shards" / "train", Vocab.load(tiny_dataset / "vocab.json"))
+    image_bytes = sum(b.images.nbytes for b in ds.buckets)
+    copy = pickle.loads(pickle.dumps(ds))
+    assert len(pickle.dumps(ds)) < image_bytes / 10
+    assert all(isinstance(b.images, np.memmap) for b in copy.buckets)
+    order = BucketBatchSampler(ds.bucket_items, 8, seed=0).batches(0)[:4]
+    batches = [list(DataLoader(ds, batch_sampler=order, collate_fn=collate, **kw))
+               for kw in ({}, {"num_workers": 1, "multiprocessing_context": "spawn"})]
+    for a, b in zip(*batches, strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)
