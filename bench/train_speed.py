@@ -29,7 +29,7 @@ def _targets(args) -> torch.Tensor:
 
 
 def ours(args):
-    model, _ = build_models(args)
+    model, _ = build_models(args, batch_norm=bool(args.batch_norm))
     model.train()
     opt = model.configure_optimizer(lr=1e-4)  # as train.py
     imgs, tgt = images(args), _targets(args)
@@ -64,6 +64,9 @@ def main() -> None:
     p = parser(__doc__.splitlines()[0], steps=2, warmup=1)
     p.add_argument("--tgt_len", type=int, default=100, help="decoder steps per formula")
     p.add_argument("--teacher_forcing", type=float, default=1.0)
+    p.add_argument("--batch_norm", type=int, default=0,
+                   help="ours with the encoder's batch norm, as train.py's default model (0/1; "
+                        "off by default: the baseline has none)")
     p.add_argument("--floor", type=int, default=1,
                    help="also count our step's work and print its arithmetic floor (0/1)")
     args = parse(p)
@@ -74,6 +77,7 @@ def main() -> None:
     baseline_name = args.baseline_repo or "stand-in (bench/baseline.py)"
     print(f"train_speed: batch {args.batch}, {args.height}x{args.width}, {args.tgt_len} tokens, "
           f"vocab {args.vocab}, {args.device}, {args.threads} threads, amp={args.amp}, "
+          f"batch_norm={args.batch_norm}, "
           f"baseline={baseline_name}", flush=True)  # fmt: skip
     r_ours = run_side("bench.train_speed", "ours", argv)
     print(describe("ours", r_ours), flush=True)

@@ -89,6 +89,10 @@ class Im2Latex(nn.Module):
         self.cfg = cfg
         self.encoder = Encoder(cfg.cnn_widths, cfg.enc_out_dim, in_channels=1,
                                batch_norm=cfg.batch_norm)
+        # channels-last (N x H x W x C in memory): oneDNN's and cuDNN's native layout for bf16
+        # convolutions. The full-size CPU training step (bench/train_speed.py) ran 12% faster
+        # with batch norm (4.09 -> 3.58 s), 3-11% without.
+        self.encoder.to(memory_format=torch.channels_last)
         self.decoder = Decoder(
             cfg.vocab_size, cfg.emb_dim, cfg.dec_rnn_h, cfg.enc_out_dim, cfg.dropout
         )
