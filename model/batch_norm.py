@@ -55,7 +55,9 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         if self.track_running_stats:
             with torch.no_grad():  # as BatchNorm2d: the running variance is the unbiased one
                 self.num_batches_tracked += 1
-                momentum = self.momentum or 1.0 / float(self.num_batches_tracked)
+                momentum = self.momentum
+                if momentum is None:  # cumulative average, as BatchNorm2d
+                    momentum = 1.0 / float(self.num_batches_tracked)
                 self.running_mean.lerp_(mean, momentum)
                 self.running_var.lerp_(var * count / (count - 1).clamp(min=1), momentum)
         return y.to(x.dtype)
@@ -64,10 +66,11 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
 def to_global_batch_norm(module: nn.Module) -> nn.Module:
     """`module` with every BatchNorm2d replaced by a GlobalBatchNorm2d holding its state."""
     if isinstance(module, nn.BatchNorm2d) and not isinstance(module, GlobalBatchNorm2d):
+        state = module.state_dict()
         new = GlobalBatchNorm2d(module.num_features, module.eps, module.momentum,
                                 module.affine, module.track_running_stats,
-                                device=module.running_mean.device)  # fmt: skip
-        new.load_state_dict(module.state_dict())
+                                device=next(iter(state.values())).device)  # fmt: skip
+        new.load_state_dict(state)
         new.train(module.training)
         for p_new, p_old in zip(new.parameters(), module.parameters()):
             p_new.requires_grad_(p_old.requires_grad)
