@@ -69,7 +69,7 @@ def to_global_batch_norm(module: nn.Module) -> nn.Module:
         state = module.state_dict()
         new = GlobalBatchNorm2d(module.num_features, module.eps, module.momentum,
                                 module.affine, module.track_running_stats,
-                                device=next(iter(state.values())).device)  # fmt: skip
+                                device=next((t.device for t in state.values()), None))  # fmt: skip
         new.load_state_dict(state)
         new.train(module.training)
         for p_new, p_old in zip(new.parameters(), module.parameters()):
