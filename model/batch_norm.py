@@ -67,9 +67,11 @@ def to_global_batch_norm(module: nn.Module) -> nn.Module:
     """`module` with every BatchNorm2d replaced by a GlobalBatchNorm2d holding its state."""
     if isinstance(module, nn.BatchNorm2d) and not isinstance(module, GlobalBatchNorm2d):
         state = module.state_dict()
-        new = GlobalBatchNorm2d(module.num_features, module.eps, module.momentum,
-                                module.affine, module.track_running_stats,
-                                device=next((t.device for t in state.values()), None))  # fmt: skip
+        new = GlobalBatchNorm2d(module.num_features, eps=module.eps, momentum=module.momentum,
+                                affine=module.affine,
+                                track_running_stats=module.track_running_stats,
+                                device=next((t.device for t in state.values()), None),
+                                bias=not module.affine or module.bias is not None)  # fmt: skip
         new.load_state_dict(state)
         new.train(module.training)
         for p_new, p_old in zip(new.parameters(), module.parameters()):
