@@ -50,8 +50,10 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         mean = _global_sum(x32.sum(dims)) / count  # C
         var = _global_sum((x32 - mean[:, None, None]).square().sum(dims)) / count  # C, biased
         y = (x32 - mean[:, None, None]) * torch.rsqrt(var + self.eps)[:, None, None]
-        if self.affine:
-            y = y * self.weight[:, None, None] + self.bias[:, None, None]
+        if self.weight is not None:
+            y = y * self.weight[:, None, None]
+        if self.bias is not None:
+            y = y + self.bias[:, None, None]
         if self.track_running_stats:
             with torch.no_grad():  # as BatchNorm2d: the running variance is the unbiased one
                 self.num_batches_tracked += 1
