@@ -53,11 +53,17 @@ class StepCount(TorchDispatchMode):
     def __init__(self, tracker: ModuleTracker | None = None) -> None:
         super().__init__()
         self.flops: Counter = Counter()  # dtype name -> FLOPs
-        self.bytes = 0
-        self.ops = 0
         self.syncs = 0
         self.tracker = tracker
         self.parts: dict[str, Counter] = defaultdict(Counter)  # part -> flops, bytes, ops
+
+    @property
+    def bytes(self) -> int:
+        return sum(p["bytes"] for p in self.parts.values())
+
+    @property
+    def ops(self) -> int:
+        return sum(p["ops"] for p in self.parts.values())
 
     def _part(self) -> str:
         # ModuleTracker names modules "Root.child.grandchild": the parts are the root's children
@@ -72,7 +78,6 @@ class StepCount(TorchDispatchMode):
             self.syncs += 1
         if func.is_view or packet in NO_TRAFFIC:
             return out
-        self.ops += 1
         reads = [t for t in tree_flatten((args, {k: v for k, v in kwargs.items() if k != "out"}))[0]
                  if isinstance(t, torch.Tensor)]  # fmt: skip
         writes = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
@@ -80,7 +85,6 @@ class StepCount(TorchDispatchMode):
         flops = 0
         if packet in flop_registry:
             flops = flop_registry[packet](*args, **kwargs, out_val=out)
-        self.bytes += moved
         if flops:
             dtype = writes[0].dtype if writes else torch.float32
             self.flops[str(dtype).removeprefix("torch.")] += flops
