@@ -61,6 +61,7 @@ import numpy as np
 from PIL import Image
 
 from data.image import ImageError, finish_render, ink_bbox
+from data.sandbox import sandboxed
 
 PREAMBLE = "\\documentclass[12pt]{article}\n\\pagestyle{empty}\n\\usepackage[cmex10]{amsmath}\n"
 
@@ -74,14 +75,34 @@ _HORIZONTAL_PHASE_BP = 0.0
 # page. On 1000 test formulas the ink spanned columns 355..1339 and rows 382..668.
 _WINDOW = (330, 360, 1100, 400)  # left, top, width, height
 
-# Anything that touches files, the engine or the tokenizer; no formula needs these.
+# Anything that touches files, the engine or the tokenizer, spells a name or a file name
+# from tokens (``\\string~`` makes the catcode-12 ``~`` that kpathsea expands to a home
+# directory), copies or moves a token away from what follows it (``\\let\\b\\begin``, then
+# ``\\b{input}``), or sets hooks; no formula needs these.
 _FORBIDDEN = re.compile(
     r"\\(input|include|includeonly|openin|openout|closein|closeout|read|readline|write|"
-    r"immediate|csname|catcode|lccode|uccode|scantokens|endinput|jobname|shipout|output|"
-    r"everyjob|everyeof|primitive|pdf[a-z]*|directlua|latelua|usepackage|"
-    r"RequirePackage|documentclass|end(?![a-zA-Z])(?!\s*\{)|dump|batchmode|nonstopmode|"
-    r"scrollmode|errorstopmode|interactionmode)(?![a-zA-Z])|\^\^"
+    r"immediate|csname|ifcsname|catcode|lccode|uccode|sfcode|mathcode|delcode|scantokens|"
+    r"endinput|jobname|shipout|output|everyjob|everyeof|primitive|pdf[a-z]*|directlua|"
+    r"latelua|usepackage|RequirePackage|documentclass|LoadClass|dump|batchmode|nonstopmode|"
+    r"scrollmode|errorstopmode|interactionmode|string|detokenize|unexpanded|meaning|"
+    r"fontname|font|newfont|fontencoding|fontfamily|usefont|Declare[A-Za-z]*|"
+    r"makeatletter|ExplSyntaxOn|UseName|ExpandArgs|[A-Za-z]*CommandCopy|IfFileExists|"
+    r"InputIfFileExists|listfiles|nofiles|verbatiminput|lstinputlisting|special|let|"
+    r"futurelet|expandafter|aftergroup|afterassignment|AddToHook[A-Za-z]*|UseHook|"
+    r"AtBeginDocument|AtEndDocument|AtBeginDvi|tableofcontents|listof[a-z]*|"
+    r"addtocontents|addcontentsline|newwrite|newread|bibliography[a-z]*)(?![a-zA-Z])"
+    r"|\\@(?=[a-zA-Z])|\^\^"
 )
+# Environments that formulas use and the preamble's packages define. LaTeX runs ``\\NAME``
+# for ``\\begin{NAME}`` and ``\\endNAME`` for ``\\end{NAME}``: any other name could run a
+# primitive the screen refuses by name (``\\begin{input}``, ``\\end{csname}``).
+ENVIRONMENTS = frozenset({
+    "array", "tabular", "matrix", "pmatrix", "bmatrix", "Bmatrix", "vmatrix", "Vmatrix",
+    "smallmatrix", "cases", "aligned", "alignedat", "gathered", "split", "subarray", "picture",
+})
+_ENVIRONMENT = re.compile(r"\\(?:begin|end)(?![a-zA-Z])(?:\s*\{([a-zA-Z]+)\})?")
+# One TeX token as the default catcodes read it (a comment runs to the end of its line).
+_TOKEN = re.compile(r"\\(?:[a-zA-Z]+|.)|%[^\n]*|.", re.S)
 # Global assignments would leak into later formulas of a batch: render those alone.
 _GLOBAL = re.compile(
     r"\\(global|gdef|xdef|globaldefs|setcounter|addtocounter|stepcounter|refstepcounter|"
@@ -111,6 +132,7 @@ class RenderOptions:
     workers: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
     strict: bool = False  # True: any TeX error fails the formula
     max_chars: int = 4096
+    sandbox: bool = True  # run TeX and Ghostscript under bubblewrap where it can start
 
 
 @dataclass(frozen=True)
@@ -167,7 +189,43 @@ def screen(formula: str, max_chars: int = 4096) -> str | None:
     m = _FORBIDDEN.search(formula)
     if m:
         return f"forbidden in a formula: {m.group(0)}"
-    return None
+    for m in _ENVIRONMENT.finditer(formula):
+        if m.group(1) not in ENVIRONMENTS:
+            return f"environment not allowed: {m.group(0)}"
+    return _screen_characters(formula)
+
+
+def _screen_characters(formula: str) -> str | None:
+    """Raw ``#`` (a macro parameter: lets a macro take ``\\begin`` apart from its name) and
+    ``$`` that cannot become ``\\(...\\)`` pairs."""
+    dollars, previous = 0, ""
+    for token in _TOKEN.findall(formula):
+        if token == "#":
+            return "forbidden in a formula: # (macro parameter)"
+        if token == "$":
+            if previous == "$":
+                return "forbidden in a formula: $$"
+            dollars += 1
+        previous = token
+    return "unpaired $ in a formula" if dollars % 2 else None
+
+
+def tex_body(formula: str) -> str:
+    """The formula as it goes into the document: no raw ``~`` or ``$`` reach TeX.
+
+    ``~`` is ``\\nobreakspace{}`` in LaTeX and ``$..$`` pairs are ``\\(..\\)`` (the same
+    image), so no character of the formula can become the catcode-12 ``~`` or ``$`` with which
+    kpathsea expands ``~user/`` and ``$VAR/`` in a file name. Call after ``screen``.
+    """
+    out, dollars = [], 0
+    for token in _TOKEN.findall(formula):
+        if token == "~":
+            token = "\\nobreakspace{}"
+        elif token == "$":
+            token = "\\(" if dollars % 2 == 0 else "\\)"
+            dollars += 1
+        out.append(token)
+    return "".join(out)
 
 
 def needs_isolation(formula: str) -> bool:
@@ -232,19 +290,33 @@ def _document(formulas: Sequence[str], nonce: str, geometry: _Geometry, dpi: int
         # height: cut whole rows off the A4 height so every glyph keeps its sub-pixel phase.
         cut = round(297 / 25.4 * dpi) - geometry.height
         setup[3] = f"\\pdfpageheight=\\dimexpr297truemm-{cut * px:.5f}bp\\relax"
-    parts = [PREAMBLE, "\n".join(setup), "\n\\begin{document}\n"]
+    parts = [PREAMBLE, "\n".join(setup), _PAGE_STATE, "\\begin{document}\n"]
     for i, f in enumerate(formulas):
         parts.append(
             _marker(nonce, str(i))
-            + f"\\begin{{displaymath}}\n{wrap_multiline(f)}\n\\end{{displaymath}}\n\\newpage\n"
+            + "\\csname imx@reset\\endcsname\n\\begin{displaymath}\n"
+            + f"{wrap_multiline(tex_body(f))}\n\\end{{displaymath}}\n\\newpage\n"
         )
     parts.append(_marker(nonce, "end") + "\\end{document}\n")
     return "".join(parts)
 
 
+# Every formula starts with the counters of a fresh document (``\\thepage``, ``\\footnotemark``
+# must not depend on batch-mates); pages are counted in a register of the document's own,
+# which no formula can name (``@`` is no letter in a formula), for the markers.
+_PAGE_STATE = r"""
+\makeatletter
+\newcount\imx@pages
+\AddToHook{shipout/after}{\global\advance\imx@pages\@ne}
+\def\imx@reset{\begingroup\def\@elt##1{\global\csname c@##1\endcsname\z@}\cl@@ckpt
+  \endgroup\global\c@page\@ne}
+\makeatother
+"""
+
+
 def _marker(nonce: str, label: str) -> str:
-    """TeX prints where it is and its state: page counter, group and conditional depth."""
-    state = "\\the\\value{page}:\\the\\currentgrouplevel:\\the\\currentiflevel"
+    """TeX prints where it is and its state: pages shipped, group and conditional depth."""
+    state = "\\the\\csname imx@pages\\endcsname:\\the\\currentgrouplevel:\\the\\currentiflevel"
     return f"\\message{{@@{nonce}:{label}:{state}@@}}\n"
 
 
@@ -312,7 +384,7 @@ def _note_errors(watch: _Watch, text: str) -> None:
             watch.errors[watch.current] = found.group(0)[1:].strip()
 
 
-def _note_marker(watch: _Watch, index: int, n: int, page: int, levels: tuple[int, int]) -> bool:
+def _note_marker(watch: _Watch, index: int, n: int, pages: int, levels: tuple[int, int]) -> bool:
     """Formula ``index`` starts (``n``: the end): the one before must have made exactly one
     page and, if a formula follows, left no group or conditional open. Returns False when
     markers come out of order (a formula re-reading the input): nothing after is trusted."""
@@ -323,7 +395,7 @@ def _note_marker(watch: _Watch, index: int, n: int, page: int, levels: tuple[int
     if watch.baseline is None:
         watch.baseline = levels
     if watch.derailed is None:
-        if page != index + 1:
+        if pages != index:
             watch.derailed, watch.reason = max(index - 1, 0), "did not produce exactly one page"
         elif index < n and levels != watch.baseline:
             watch.derailed, watch.reason = index - 1, "left a group or conditional open"
@@ -393,9 +465,10 @@ def _run_tex(
     for old in workdir.iterdir():
         shutil.rmtree(old) if old.is_dir() else old.unlink()
     (workdir / "batch.tex").write_text(_document(formulas, nonce, geometry, opts.dpi))
+    argv = ["pdflatex", "-no-shell-escape", "-interaction=nonstopmode", "-jobname=batch",
+            "batch.tex"]
     proc = subprocess.Popen(
-        ["pdflatex", "-no-shell-escape", "-interaction=nonstopmode", "-jobname=batch",
-         "batch.tex"],
+        sandboxed(argv, workdir, opts.sandbox),
         cwd=workdir, env=_tex_env(workdir), stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
         preexec_fn=_limits(opts.memory_mb, opts.timeout_s),
@@ -450,9 +523,9 @@ def _rasterize(pdf: Path, pages: int, opts: RenderOptions) -> list[np.ndarray]:
     ]
     try:
         done = subprocess.run(
-            cmd, cwd=pdf.parent, env=_tex_env(pdf.parent), stdin=subprocess.DEVNULL,
-            capture_output=True, timeout=opts.timeout_s, start_new_session=True,
-            preexec_fn=_limits(opts.memory_mb, opts.timeout_s, file_mb),
+            sandboxed(cmd, pdf.parent, opts.sandbox), cwd=pdf.parent, env=_tex_env(pdf.parent),
+            stdin=subprocess.DEVNULL, capture_output=True, timeout=opts.timeout_s,
+            start_new_session=True, preexec_fn=_limits(opts.memory_mb, opts.timeout_s, file_mb),
         )
     except subprocess.TimeoutExpired:
         raise RenderError("Ghostscript timed out") from None
@@ -551,9 +624,14 @@ def _render_alone(
     raise AssertionError("unreachable: the full page has no window edge")
 
 
+WORKDIR_PREFIX = "im2latex-render-"
+_WORKDIR = re.compile(rf"{WORKDIR_PREFIX}(\d+)-")
+
+
 def _render_batch(items: list[tuple[int, str]], opts: RenderOptions) -> dict[int, RenderResult]:
-    """One worker's job: its own temporary directory, always removed."""
-    with tempfile.TemporaryDirectory(prefix="im2latex-render-") as tmp:
+    """One worker's job: its own temporary directory, removed after, or by a later render
+    when this process is killed first (the name holds the owner's PID)."""
+    with tempfile.TemporaryDirectory(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-") as tmp:
         window = _Geometry(*(round(v * opts.dpi / 200) for v in _WINDOW))
         return _render_group(items, window, opts, Path(tmp))
 
@@ -580,6 +658,33 @@ def _batches(formulas: Sequence[str], opts: RenderOptions):
     return rejected, batches
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_workdirs() -> list[Path]:
+    """Remove the work folders of renders whose process no longer exists (killed builds);
+    those of live processes, and folders of other users, stay. Returns what was removed."""
+    removed = []
+    root = Path(tempfile.gettempdir())
+    for path in root.glob(f"{WORKDIR_PREFIX}*"):
+        m = _WORKDIR.match(path.name)
+        try:
+            mine = path.is_dir() and not path.is_symlink() and path.stat().st_uid == os.getuid()
+        except OSError:
+            continue
+        if m and mine and not _alive(int(m.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 def check_tools() -> None:
     """Fail early and clearly when the TeX or Ghostscript programs are missing."""
     missing = [t for t in ("pdflatex", "gs") if shutil.which(t) is None]
@@ -593,6 +698,7 @@ def iter_render(
 ) -> Iterator[tuple[int, RenderResult]]:
     """(index, result) pairs as batches finish, in no particular order; all cores busy."""
     check_tools()
+    remove_stale_workdirs()
     rejected, batches = _batches(formulas, opts)
     yield from rejected.items()
     bar = None
