@@ -3,8 +3,10 @@
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,7 @@ import pytest
 from PIL import Image
 
 from data import render as R
+from data import sandbox
 from data.image import BUCKETS, read_gray_png
 from data.render import (
     RenderOptions,
@@ -108,6 +111,44 @@ def test_screen_rejects_engine_and_file_primitives():
         assert screen(evil), evil
     for ok in GOOD + [r"\end{array}", r"\endgroup", r"\renewcommand { \arraystretch } { 1 . 2 }"]:
         assert screen(ok) is None, ok
+    assert screen(r"\begin {array} { c } x \end {array}") is None
+
+
+def test_screen_allows_only_known_environments_and_no_token_built_names():
+    for evil in [r"\begin{input}/etc/passwd\end{input}", r"\begin{csname}x\end{csname}",
+                 r"\begin{scantokens}", r"\begin{jobname}", r"\begin{pdfliteral}", r"\end{input}",
+                 r"\begin{pdffiledump}offset 0 length 6{x}\end{pdffiledump}", r"\begin\x",
+                 r"\begin{\x}", r"\begin{in put}", r"\begin\relax{input}", r"\begin"]:
+        assert screen(evil) and "environment" in screen(evil), evil
+    # Ways to take \begin apart from its name, or to spell a name or a file name from tokens.
+    for evil in [r"\InputIfFileExists{\string~systemd-network/etc/passwd}{}{}",
+                 r"\IfFileExists{a}{}{}", r"\string~", r"\detokenize{~}", r"\meaning x",
+                 r"\fontname\font", r"\font\x=cmr10", r"\makeatletter", r"\@input{x}",
+                 r"\let\b\begin{array}", r"\expandafter x", r"{\aftergroup\begin{array}}{input}",
+                 r"\def\g#1{#1}", r"\special{x}", r"\listfiles", r"\UseName{input}",
+                 r"\ExplSyntaxOn", r"\AddToHook{x}{y}", r"x $ y", r"$$ x $$"]:
+        assert screen(evil), evil
+    for ok in [r"a ~ b", r"\text { if $ x > 0 $ }", r"\$ 5", r"\\$ x $", r"\# x"]:
+        assert screen(ok) is None, ok
+
+
+def test_tilde_and_dollar_never_reach_tex_raw_and_render_the_same():
+    assert R.tex_body(r"a ~ b \~ { c } \text { if $ x $, \$ 1 }") == (
+        r"a \nobreakspace{} b \~ { c } \text { if \( x \), \$ 1 }")
+    tilde, spelled, text, dollars = render_formulas(
+        [r"a ~ b", r"a \nobreakspace{} b", r"\text { if $ x > 0 $ }",
+         r"\text { if \( x > 0 \) }"], FAST)
+    assert same(tilde, spelled) and same(text, dollars)
+    assert text.shape[1] > 2 * render_formulas([r"\text { if }"], FAST)[0].shape[1]
+
+
+def test_counters_start_afresh_for_every_formula():
+    """\\thepage and \\footnotemark print 1 alone and as the 5th formula of a batch."""
+    probes = [r"x = \thepage", r"\footnotemark", r"x = \theequation"]
+    alone = [render_formulas([f], FAST)[0] for f in probes]
+    batch = render_formulas(GOOD[:4] + probes + probes, FAST)
+    for i, img in enumerate(alone):
+        assert same(batch[4 + i], img) and same(batch[7 + i], img), probes[i]
     assert R.needs_isolation(r"\global \let \alpha \beta") and not R.needs_isolation(GOOD[0])
 
 
@@ -249,3 +290,51 @@ def test_matches_the_original_dataset_images():
     assert len(pairs) >= 30
     assert np.median(diffs) < 1.5 and np.mean(diffs) < 4
     assert same_bucket / len(pairs) >= 0.85
+
+
+# ------------------------------------------------------------- OS sandbox, temp folders
+
+
+def test_without_bwrap_renders_unsandboxed_and_says_so_once(monkeypatch, solo):
+    monkeypatch.setattr(sandbox, "BWRAP", "/nonexistent/bwrap")
+    sandbox.available.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="WITHOUT the OS sandbox"):
+            (first,) = render_formulas([GOOD[0]], FAST)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            (second,) = render_formulas([GOOD[0]], FAST)
+        assert same(first, solo[GOOD[0]]) and same(second, solo[GOOD[0]])
+        assert sandbox.sandboxed(["pdflatex"], Path(".")) == ["pdflatex"]
+    finally:
+        sandbox.available.cache_clear()
+
+
+def test_a_killed_render_leaves_a_folder_the_next_render_removes(private_tmp, solo):
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from data.render import *; "
+            "render_formulas(['x ^ { %d }' % i for i in range(5000)], RenderOptions(workers=1))")
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, TMPDIR=str(private_tmp))
+    victim = subprocess.Popen([sys.executable, "-c", code, root], env=env)
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        pattern = f"{R.WORKDIR_PREFIX}{victim.pid}-*"
+        deadline = time.monotonic() + 30
+        while not list(private_tmp.glob(pattern)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # let TeX fill the folder
+        victim.kill()
+        victim.wait()
+        (stale,) = private_tmp.glob(pattern)
+        other = private_tmp / f"{R.WORKDIR_PREFIX}{live.pid}-busy"
+        other.mkdir()  # a live build's folder: must stay
+        unrelated = private_tmp / f"{R.WORKDIR_PREFIX}notapid"
+        unrelated.mkdir()
+        (img,) = render_formulas([GOOD[0]], FAST)
+        assert same(img, solo[GOOD[0]])
+        assert not stale.exists() and other.exists() and unrelated.exists()
+    finally:
+        live.kill()
+        live.wait()
+        victim.kill()
+        victim.wait()
