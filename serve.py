@@ -13,7 +13,9 @@ An upload endpoint is an easy way to exhaust a server, so everything is bounded:
 body (refused while it is read, never buffered whole; files spool to the temporary directory),
 the pixels (read from the header before anything is decoded), the work (one model shared by a
 small thread pool off the event loop, behind a bounded queue that answers 503 when full), the
-open connections, and TeX (the renderer's sandbox, one formula per run, with a time limit).
+connections (deadlines for a request's head and body, caps on idle connections and on requests
+in progress, overall and per client address: serve_limits.py), and TeX (the renderer's
+sandbox, one formula per run, with a time limit).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from data.vocab import Vocab, VocabError
 from model.checkpoint import DEFAULT_MODEL, CheckpointError, load_model
 from model.im2latex import Im2Latex
 from model.predict import predict
+from serve_limits import ConnectionLimits, add_limit_flags, guarded_protocol, limits_from_args
 
 ROOT = Path(__file__).resolve().parent
 WEB_DIR = ROOT / "web"
@@ -85,6 +88,7 @@ class ServeConfig:
     device: str = "cpu"
     model_name: str = "model"
     render: RenderOptions = field(default=RENDER_OPTIONS)
+    limits: ConnectionLimits = field(default=ConnectionLimits())  # applied by `main`'s server
 
     @property
     def max_upload_bytes(self) -> int:
@@ -405,8 +409,7 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--queue", type=_int_in(0), default=16,
                    help="requests that may wait for a thread; more get 503")
     p.add_argument("--threads", type=_int_in(1, 64), default=1, help="images decoded at once")
-    p.add_argument("--max_connections", type=_int_in(1), default=64,
-                   help="open connections at once; more get 503 (bounds spooled uploads)")
+    add_limit_flags(p, positive=_positive, count=_int_in(1))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--log_level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
@@ -428,10 +431,10 @@ def main(argv: list[str] | None = None) -> int:
     config = ServeConfig(beam_size=args.beam_size, max_len=args.max_len,
                          max_upload_mb=args.max_upload_mb, max_megapixels=args.max_megapixels,
                          queue=args.queue, threads=args.threads, device=args.device,
-                         model_name=path.name)
+                         model_name=path.name, limits=limits_from_args(args))
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(message)s")
     uvicorn.run(create_app(model, vocab, config), host=args.host, port=args.port,
-                limit_concurrency=args.max_connections, timeout_keep_alive=5,
+                http=guarded_protocol(config.limits), timeout_keep_alive=5,
                 log_level=args.log_level)
     return 0
 
