@@ -58,7 +58,7 @@ def bwrap_args(workdir: Path) -> list[str]:
         BWRAP, "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
         *_root_args(), "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
         "--dir", SANDBOX_HOME, "--setenv", "HOME", SANDBOX_HOME,
-        "--bind", work, work, "--chdir", work, "--",
+        "--bind", work, work, "--remount-ro", "/", "--chdir", work, "--",
     ]
 
 
