@@ -16,7 +16,7 @@ one of three phases, read from h11's view of the client:
 
 Only requests in progress (the last two phases) count against `max_connections` and
 `max_per_client`: they hold an ASGI task and a spooled upload, while a waiting connection holds
-one socket and at most h11's 16 KiB head buffer.
+one socket and a head buffer (h11 refuses a head over 16 KiB).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class ConnectionLimits:
     """
 
     head_timeout_s: float = _limit(10.0, "seconds a client has to send a request's head")
-    body_timeout_s: float = _limit(20.0, "seconds a client has to start a body, extended as "
+    body_timeout_s: float = _limit(20.0, "seconds a client has to send a body, extended as "
                                          "bytes arrive (see --min_body_rate)")
     min_body_rate: float = _limit(8192.0, "slowest accepted upload, bytes per second")
     max_connections: int = _limit(64, "requests in progress at once; more get 503 (bounds "

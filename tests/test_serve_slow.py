@@ -9,15 +9,17 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 
 import httpx2
 import pytest
 import uvicorn
 
+from data.layout import IMAGES_DIR
 from serve import get_args
 from serve_limits import ConnectionGate, ConnectionLimits, guarded_protocol, limits_from_args
+from tests.test_serve import FILE_PART_HEAD, serve_process
 
 HOST = "127.0.0.1"
 PARTIAL_HEAD = b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: mul"
@@ -204,3 +206,56 @@ def test_past_its_idle_cap_an_address_loses_its_longest_waiting_connections():
         assert not any(closed_within(s, 0.3) for s in socks[2:])
         assert request(port) == 200  # a newcomer is served (and evicts socks[2])
         assert not any(closed_within(s, 0.3) for s in socks[3:])
+
+
+# ------------------------------------------------------------------------------ the attack
+
+
+def trickle(socks: list[socket.socket], stop: threading.Event, seconds: int = 30) -> None:
+    """A byte a second on each socket until `stop` (or `seconds`), ignoring closed ones."""
+    for _ in range(seconds):
+        for sock in socks:
+            try:
+                sock.sendall(b"a")
+            except OSError:
+                pass
+        if stop.wait(1.0):
+            return
+
+
+def timed(call: Callable[[], httpx2.Response]) -> tuple[int, float]:
+    start = time.monotonic()
+    return call().status_code, time.monotonic() - start
+
+
+def test_70_stalled_and_trickling_sockets_do_not_deny_a_real_client(tiny_model, tiny_dataset,
+                                                                     tmp_path):
+    image = sorted((tiny_dataset / IMAGES_DIR).glob("*.png"))[0].read_bytes()
+    head_s = 3.0
+    flags = ("--beam_size", "1", "--head_timeout_s", str(head_s), "--body_timeout_s", "3",
+             "--min_body_rate", "1000")
+    stop = threading.Event()
+    with serve_process(tiny_model, tmp_path / "serve.log", *flags) as url, ExitStack() as stack:
+        port = int(url.rsplit(":", 1)[1])
+        opened = time.monotonic()
+        stalled = [stack.enter_context(connect(port, PARTIAL_HEAD)) for _ in range(70)]
+        slow_head = [stack.enter_context(connect(port, PARTIAL_HEAD)) for _ in range(5)]
+        upload = (b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n"
+                  b"Content-Type: multipart/form-data; boundary=x\r\n\r\n" + FILE_PART_HEAD)
+        slow_body = [stack.enter_context(connect(port, upload)) for _ in range(5)]
+        tricklers = threading.Thread(target=trickle, args=(slow_head + slow_body, stop))
+        tricklers.start()
+        try:
+            for _ in range(3):
+                status, seconds = timed(lambda: httpx2.get(f"{url}/api/health", timeout=10))
+                assert status == 200 and seconds < 5, (status, seconds)
+            status, seconds = timed(lambda: httpx2.post(
+                f"{url}/api/predict", files={"image": ("f.png", image, "image/png")}, timeout=20))
+            assert status == 200 and seconds < 10, (status, seconds)
+            attackers = stalled + slow_head + slow_body
+            left = [s for s in attackers if not closed_within(s, opened + head_s + 10
+                                                             - time.monotonic())]
+            assert not left, f"{len(left)} of {len(attackers)} attacking sockets still open"
+        finally:
+            stop.set()
+            tricklers.join()
