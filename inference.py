@@ -6,8 +6,9 @@
 PATHs are images (PNG, JPEG, BMP, GIF, TIFF, WebP), folders of images, or list files (.txt/.lst,
 one image path per line, relative to the list). Every image is normalized the way the training
 renders look (grayscale, dark ink on white, cropped, padded, scaled to the training font size),
-so screenshots, scans and inverted images work. An unreadable file is reported and skipped;
-the others are still decoded (the exit status is then 2).
+so screenshots, scans and inverted images work. An image that cannot be read, normalized within
+data/image.py's bounds (noise, dot patterns) or decoded is reported on stderr and in the JSON's
+"errors" with the reason, and skipped; the others are still decoded (the exit status is then 2).
 
 Output: one image gives its LaTeX alone; several give `NAME<TAB>LATEX` lines, in input order.
 """
@@ -19,13 +20,15 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from data.image import ImageError, load_image, normalize_user_image, pad_to_bucket
+from data.image import ImageError, load_image, model_input, normalize_user_image
 from data.normalize import NormalizeError, normalize
-from data.vocab import VocabError
+from data.vocab import Vocab, VocabError
+from model import Im2Latex
 from model.checkpoint import DEFAULT_MODEL, CheckpointError, load_model
-from model.predict import predict
+from model.predict import Prediction, predict
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 LIST_SUFFIXES = {".txt", ".lst"}
@@ -100,55 +103,92 @@ def expected_answer(path: str, answer: str | None, key: dict[str, str]) -> str |
     return key.get(p.name, key.get(p.parent.name, answer))
 
 
+def read_images(files: list[Path], normalize_them: bool, failures: list[tuple[str, str]]
+                ) -> tuple[list[str], list[np.ndarray]]:
+    """(names, model inputs) of the files that could be read; the others go to `failures`."""
+    names, images = [], []
+    for f in files:
+        try:
+            img = load_image(f)
+            images.append(model_input(normalize_user_image(img) if normalize_them else img))
+            names.append(str(f))
+        except (ImageError, OSError) as e:
+            failures.append((str(f), str(e) if str(f) in str(e) else f"{f}: {e}"))
+    return names, images
+
+
+def decode_all(model: Im2Latex, vocab: Vocab, names: list[str], images: list[np.ndarray],
+               args: argparse.Namespace, failures: list[tuple[str, str]]
+               ) -> list[tuple[str, Prediction]]:
+    """Predictions in batches; when a batch fails, its images one at a time, so that only the
+    image that cannot be decoded is lost (reported in `failures`), never the batch."""
+    def run(imgs: list[np.ndarray]) -> list[Prediction]:
+        return predict(model, vocab, imgs, beam_size=args.beam_size, max_len=args.max_len,
+                       batch_size=args.batch_size, device=args.device)
+    try:
+        return list(zip(names, run(images)))
+    except (RuntimeError, ValueError):
+        pass
+    done = []
+    for name, img in zip(names, images):
+        try:
+            done.append((name, run([img])[0]))
+        except (RuntimeError, ValueError) as e:  # out of memory included
+            first = str(e).splitlines()[0][:200] if str(e) else e.__class__.__name__
+            failures.append((name, f"{name}: cannot decode ({first})"))
+    return done
+
+
+def write_json(path: str, results: list[dict], failures: list[tuple[str, str]]) -> None:
+    doc = {"results": results, "errors": [{"name": n, "error": m} for n, m in failures]}
+    Path(path).write_text(json.dumps(doc, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = get_args(argv)
     files, problems = expand(args.paths)
+    failures = [(msg.split(": ", 1)[0], msg) for msg in problems]
     try:
         answer = normalize(args.answer) if args.answer is not None else None
         key = load_answer_key(args.answer_key) if args.answer_key else {}
     except (NormalizeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    names, images, failed = [], [], []
-    for f in files:
-        try:
-            img = load_image(f)
-            img = img if args.no_normalize else normalize_user_image(img)
-            images.append(pad_to_bucket(img))
-            names.append(str(f))
-        except (ImageError, OSError) as e:
-            problems.append(str(e) if str(f) in str(e) else f"{f}: {e}")
-            failed.append(str(f))
-    for msg in problems:
-        print(f"error: {msg}", file=sys.stderr)
+    names, images = read_images(files, not args.no_normalize, failures)
     if not images:
+        for _, msg in failures:
+            print(f"error: {msg}", file=sys.stderr)
         print("error: no readable images", file=sys.stderr)
+        if args.json:
+            write_json(args.json, [], failures)
         return 1
 
+    for _, msg in failures:
+        print(f"error: {msg}", file=sys.stderr)
     model, vocab = load_model(args.model_path, device=args.device)
-    preds = predict(model, vocab, images, beam_size=args.beam_size, max_len=args.max_len,
-                    batch_size=args.batch_size, device=args.device)
+    unreadable = len(failures)
+    decoded = decode_all(model, vocab, names, images, args, failures)
+    for _, msg in failures[unreadable:]:
+        print(f"error: {msg}", file=sys.stderr)
     if args.attention_figure:
         from model.attention_plot import attention_figure
 
         attention_figure(model, vocab, images[:8], args.attention_figure, names[:8],
                          max_len=args.max_len, device=args.device)
     results = []
-    for name, pred in zip(names, preds):
+    for name, pred in decoded:
         r = {"name": name, "predict": pred.latex, "score": round(pred.score, 4)}
         expected = expected_answer(name, answer, key)
         if expected is not None:
             r["answer"], r["match"] = expected, pred.latex.split() == expected.split()
         results.append(r)
     if args.json:
-        doc = {"results": results, "errors": [{"name": n} for n in failed]}
-        Path(args.json).write_text(json.dumps(doc, ensure_ascii=False, indent=1) + "\n",
-                                   encoding="utf-8")
+        write_json(args.json, results, failures)
     else:
         for r in results:
-            print(r["predict"] if len(results) == 1 and not problems else
+            print(r["predict"] if len(results) == 1 and not failures else
                   f"{r['name']}\t{r['predict']}")
-    return 2 if problems else 0
+    return 2 if failures else 0
 
 
 if __name__ == "__main__":

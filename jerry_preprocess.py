@@ -37,7 +37,7 @@ from data.custom import (
     load_id2formula,
     load_name2id,
 )
-from data.image import ImageError, load_image, normalize_user_image, pad_to_bucket
+from data.image import ImageError, load_image, model_input, normalize_user_image
 from data.layout import FORMULAS_FILE, IMAGES_DIR, SPLITS, read_lines, split_file, write_layout
 from data.normalize import NormalizeError
 from data.shards import ShardError, shard_dataset
@@ -64,8 +64,11 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def save_image(item: Labelled, out_dir: Path) -> str:
-    """Normalize one image and write it under a stable ASCII name; returns the name."""
-    img = pad_to_bucket(normalize_user_image(load_image(item.image)))
+    """Normalize one image and write it under a stable ASCII name; returns the name.
+
+    The bounds of normalize_user_image (noise, dot patterns, huge scales) raise ImageError,
+    so a hostile file is reported and skipped like an unreadable one, never aborting a build."""
+    img = model_input(normalize_user_image(load_image(item.image)))
     digest = hashlib.sha1(str(item.image.resolve()).encode()).hexdigest()[:12]
     name = f"{digest}.png"
     tmp = out_dir / f".{name}.tmp"

@@ -46,6 +46,25 @@ TRAINING_GLYPH_RANGE = (7.0, 13.0)
 # User images are analysed at most this large (a formula at training scale is ~800 px wide).
 _ANALYSIS_SIDE = 2400
 
+# The smallest glyph_size a readable formula can have: the smallest legible pixel fonts draw a
+# letter in 3x5 px, and below that strokes merge. Smaller "glyphs" (dots, noise, dust) are not
+# magnified further, because the resampling cost grows with the square of the factor: without
+# this, a 1-px dot pattern was upscaled 18x. The scale is therefore at most
+# REFERENCE_GLYPH_SIZE / MIN_GLYPH_SIZE = 3x in output pixels.
+MIN_GLYPH_SIZE = 3.0
+
+# Component analysis (pure Python over ink runs) refuses masks beyond these. A formula image
+# is mostly paper: IM2LATEX validation renders have at most about a thousand ink runs and under
+# a hundred components, and a formula photographed at the analysis size has a few times as many
+# runs; noise and halftone have hundreds of thousands. Both caps leave room for a page of
+# formulas with a dusty scan's specks. docs/results/fuzz_images.txt has the measured figures.
+MAX_INK_RUNS = 100_000
+MAX_INK_COMPONENTS = 5_000
+
+# The encoder's smallest input (model/encoder.py: two 2x2 pools with padding, a (2, 1) pool and
+# an unpadded 3x3 convolution); a thinner image is padded with paper up to it.
+MIN_HEIGHT, MIN_WIDTH = 18, 6
+
 
 class ImageError(ValueError):
     """An image that cannot be used; the message names the file so a batch job can say which."""
@@ -275,10 +294,29 @@ def component_boxes(mask: np.ndarray) -> np.ndarray:
          for r in roots], dtype=np.int64).reshape(-1, 4)
 
 
-def _glyph_boxes(mask: np.ndarray) -> np.ndarray:
+def count_runs(mask: np.ndarray) -> int:
+    """Number of horizontal ink runs: what `component_boxes` spends its Python loop on."""
+    if mask.size == 0:
+        return 0
+    return int(mask[:, 0].sum()) + int(np.count_nonzero(mask[:, 1:] & ~mask[:, :-1]))
+
+
+def bounded_component_boxes(mask: np.ndarray) -> np.ndarray:
+    """`component_boxes`, refused (ImageError) for masks no formula makes, so that one noisy
+    image costs a bounded time: the run count is checked in numpy before the Python loop, the
+    component count before the per-component work of the callers."""
+    if count_runs(mask) > MAX_INK_RUNS:
+        raise ImageError(f"too many ink components (noise?): over {MAX_INK_RUNS} ink runs")
+    boxes = component_boxes(mask)
+    if len(boxes) > MAX_INK_COMPONENTS:
+        raise ImageError(f"too many ink components (noise?): {len(boxes)}, at most "
+                         f"{MAX_INK_COMPONENTS}")
+    return boxes
+
+
+def _glyph_boxes(boxes: np.ndarray) -> np.ndarray:
     """Component boxes without specks: anything under a fifth of the typical component
     (JPEG noise, dust; a period or an i's dot is larger than that)."""
-    boxes = component_boxes(mask)
     if boxes.size == 0:
         raise ImageError("image has no ink")
     big = boxes[:, 2:].max(axis=1)
@@ -316,6 +354,52 @@ def glyph_size(boxes: np.ndarray) -> float:
     return float(np.sqrt(tall * area))
 
 
+def at_least_min_size(img: np.ndarray) -> np.ndarray:
+    """Paper added at the bottom and right (where buckets pad too) up to the encoder's minimum."""
+    h, w = img.shape
+    if h >= MIN_HEIGHT and w >= MIN_WIDTH:
+        return img
+    return np.pad(img, ((0, max(0, MIN_HEIGHT - h)), (0, max(0, MIN_WIDTH - w))),
+                  constant_values=255)
+
+
+def _fits_largest_bucket(img: np.ndarray) -> bool:
+    return bucket_size(img.shape[1], img.shape[0]) is not None
+
+
+def model_input(img: np.ndarray) -> np.ndarray:
+    """A normalized image as the model takes it: in its bucket, at least the encoder's minimum.
+
+    Beyond the largest bucket it is refused: the model never saw larger images, and the
+    encoder's memory grows with the pixels (normalize_user_image always fits, so only images
+    fed as they are can be refused)."""
+    if not _fits_largest_bucket(img):
+        w, h = BUCKETS[-1]
+        raise ImageError(f"{img.shape[1]}x{img.shape[0]} image is larger than the largest "
+                         f"bucket {w}x{h}")
+    return at_least_min_size(pad_to_bucket(img))
+
+
+def _to_analysis_size(img: np.ndarray) -> np.ndarray:
+    """Shrunk to at most _ANALYSIS_SIDE: bounds the cost of every step after it."""
+    longest = max(img.shape)
+    if longest <= _ANALYSIS_SIDE:
+        return img
+    h, w = img.shape
+    f = _ANALYSIS_SIDE / longest
+    return np.asarray(Image.fromarray(img).resize(
+        (max(1, round(w * f)), max(1, round(h * f))), Image.Resampling.LANCZOS))
+
+
+def _resample_scale(shape: tuple[int, int], size_px: float, pad_px: int, factor: int) -> float:
+    """Factor that brings glyphs to the training scale, capped at MIN_GLYPH_SIZE's and at
+    what keeps the finished image (padding included) inside the largest bucket."""
+    h, w = shape
+    largest_w, largest_h = BUCKETS[-1]
+    fit = min((factor * largest_w - 2 * pad_px) / w, (factor * largest_h - 2 * pad_px) / h)
+    return min(factor * REFERENCE_GLYPH_SIZE / max(size_px, MIN_GLYPH_SIZE), fit)
+
+
 def normalize_user_image(
     img: np.ndarray, bucket: bool = False, pad_px: int = 8, factor: int = 2,
     coverage: float = 0.5,
@@ -327,18 +411,18 @@ def normalize_user_image(
     is only cropped, contrast-stretched and padded; any other is resampled to ``factor`` x the
     training resolution, where pixels with at least ``coverage`` ink become black, and finished
     exactly like a render (crop, pad, optional bucket, LANCZOS halving).
+
+    The work is bounded whatever the input (a server and a batch job call this on untrusted
+    files): the analysis runs at most at _ANALYSIS_SIDE, the component analysis refuses noise,
+    the scale is capped and the result always fits the largest bucket and the encoder's
+    minimum size. ImageError for anything that cannot be read within these bounds.
     """
-    longest = max(img.shape)
-    if longest > _ANALYSIS_SIDE:  # bounds the cost of the component analysis below
-        h, w = img.shape
-        f = _ANALYSIS_SIDE / longest
-        img = np.asarray(Image.fromarray(img).resize(
-            (max(1, round(w * f)), max(1, round(h * f))), Image.Resampling.LANCZOS))
-    level = otsu_threshold(img)
-    ink = img < level
-    boxes = _glyph_boxes(ink)
+    img = _to_analysis_size(img)
+    ink = img < otsu_threshold(img)
+    all_boxes = bounded_component_boxes(ink)
+    boxes = _glyph_boxes(all_boxes)
     size_px = glyph_size(boxes)
-    top, left, bottom, right = _formula_extent(component_boxes(ink), boxes, reach=1.5 * size_px)
+    top, left, bottom, right = _formula_extent(all_boxes, boxes, reach=1.5 * size_px)
     crop, ink = img[top:bottom, left:right], ink[top:bottom, left:right]
     paper = float(np.median(crop[~ink])) if (~ink).any() else 255.0
     dark = float(np.percentile(crop[ink], 5))
@@ -353,12 +437,13 @@ def normalize_user_image(
         # crop at 250, not 255: a render's LANCZOS halving leaves faint ringing (251-254) in
         # its margin, and counting it as ink shifted the formula by up to 3 px
         out = pad(crop_to_ink(np.round(flat).astype(np.uint8), threshold=250), pad_px // factor)
-        return pad_to_bucket(out) if bucket else out
-    scale = factor * REFERENCE_GLYPH_SIZE / size_px
+        if _fits_largest_bucket(out):  # else shrunk to fit below, like any other image
+            return at_least_min_size(pad_to_bucket(out) if bucket else out)
+    scale = _resample_scale(crop.shape, size_px, pad_px, factor)
     h, w = crop.shape
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     big = np.asarray(Image.fromarray(crop).resize(size, Image.Resampling.LANCZOS))
     binary = np.where(big < paper - coverage * (paper - dark), 0, 255).astype(np.uint8)
     if not (binary < 255).any():
         raise ImageError("image has no ink after rescaling")
-    return finish_render(binary, pad_px=pad_px, factor=factor, bucket=bucket)
+    return at_least_min_size(finish_render(binary, pad_px=pad_px, factor=factor, bucket=bucket))
