@@ -29,15 +29,21 @@ Multi-line bodies: a formula with ``\\\\`` or ``&`` outside any group or environ
 or eqnarray body) is wrapped in ``aligned`` (if it has ``&``) or ``gathered``; IM2LATEX
 formulas never have them at top level (their rows live in ``array``), so they are unaffected.
 
-Sandbox: formulas are untrusted. TeX runs in a fresh temporary directory (always removed)
-with kpathsea's ``openin_any=p`` / ``openout_any=p`` (no absolute paths, no ``..``, no dot
-files), ``shell_escape=f`` and ``-no-shell-escape``, no font generation, a minimal
-environment with ``HOME`` in the temporary directory, and rlimits on address space, CPU time,
-file size and core dumps; a run is killed when one formula takes longer than
-``formula_timeout_s`` or the run longer than ``timeout_s``. Before that, a lexical screen
-(defence in depth, not the boundary) rejects file and engine primitives (``\\input``,
-``\\openin``, ``\\write``, ``\\csname``, ``\\catcode``, ``\\pdf...``, ``^^`` escapes, ...) and
-over-long formulas.
+Sandbox: formulas are untrusted. pdflatex and Ghostscript run under bubblewrap
+(``data.sandbox``: fresh namespaces, no network, only the TeX tree, Ghostscript's resources and
+the work directory visible; where it cannot start, a warning, once). Inside, TeX runs in a fresh
+temporary directory (named with the owner's PID: a later render removes those of dead
+processes) with kpathsea's ``openin_any=p`` / ``openout_any=p``, ``shell_escape=f`` and
+``-no-shell-escape``, no font generation, a minimal environment, and rlimits on address space,
+CPU time, file size and core dumps; a run is killed when one formula takes longer than
+``formula_timeout_s`` or the run longer than ``timeout_s``. Every formula starts with the
+counters of a fresh document. Before that, a lexical screen (defence in depth, not the
+boundary) rejects file and engine primitives (``\\input``, ``\\openin``, ``\\csname``,
+``\\string``, ``\\IfFileExists``, ``\\pdf...``, ``^^`` escapes, ...), ways to take a command
+apart from its argument (``\\let``, ``\\expandafter``, ``\\aftergroup``, ``#``),
+environments outside an allow-list (``\\begin{input}`` runs ``\\input``) and over-long
+formulas; raw ``~`` and ``$`` are rewritten (``\\nobreakspace{}``, ``\\(..\\)``), so no
+formula spells the catcode-12 ``~`` or ``$`` of kpathsea's ``~user/`` and ``$VAR/``.
 """
 
 from __future__ import annotations

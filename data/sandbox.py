@@ -6,8 +6,8 @@ where the files worth stealing do not exist. ``bwrap`` gives them fresh namespac
 network, no other processes, no host users: ``~user`` has no ``/etc/passwd`` to resolve),
 drops every capability, and builds a root holding only read-only binds of what pdfTeX and
 Ghostscript need (programs, libraries, the TeX tree, Ghostscript's resources and fonts), an
-empty tmpfs ``/tmp`` and ``HOME``, a minimal ``/proc`` and ``/dev``, and the work directory,
-the only writable host path. The processes die with their parent.
+empty ``HOME``, a tmpfs ``/tmp``, a minimal ``/proc`` and ``/dev``, and the work directory, the
+only writable host path; the root itself is read-only. The processes die with their parent.
 
 Where bwrap cannot start (not installed, or no unprivileged user namespaces) the renderer keeps
 its other limits (kpathsea, rlimits, timeouts) and says so once per process.
