@@ -145,6 +145,15 @@ def test_an_upload_over_the_limit_is_refused_with_413(client):
     assert chunked.status_code == 413 and "limit" in chunked.json()["detail"]
 
 
+def test_an_image_too_costly_to_normalize_is_refused_within_two_seconds(client):
+    dots = np.full((400, 400), 255, np.uint8)
+    dots[::4, ::4] = 0  # 1-px dots every 4 px: once scaled up 18x, minutes and gigabytes
+    start = time.monotonic()
+    r = post(client, png_bytes(dots))
+    assert 400 <= r.status_code < 500, r.text
+    assert time.monotonic() - start < 2
+
+
 @pytest.mark.parametrize("size", [(100_000, 100_000), (5_000, 4_000)])
 def test_too_many_pixels_are_refused_from_the_header(client, size):
     bomb = png_header_only(*size)
