@@ -54,10 +54,9 @@ _ANALYSIS_SIDE = 2400
 MIN_GLYPH_SIZE = 3.0
 
 # Component analysis (pure Python over ink runs) refuses masks beyond these. A formula image
-# is mostly paper: IM2LATEX validation renders have at most about a thousand ink runs and under
-# a hundred components, and a formula photographed at the analysis size has a few times as many
-# runs; noise and halftone have hundreds of thousands. Both caps leave room for a page of
-# formulas with a dusty scan's specks. docs/results/fuzz_images.txt has the measured figures.
+# is mostly paper: real formulas stay about two orders of magnitude below both caps (even
+# photographed at the analysis size, with a dusty scan's specks), noise and halftone far above
+# them. docs/results/fuzz_images.txt has the measured figures.
 MAX_INK_RUNS = 100_000
 MAX_INK_COMPONENTS = 5_000
 
@@ -183,14 +182,15 @@ def _to_gray(im: Image.Image) -> np.ndarray:
         top = 65535.0 if a.max() > 255 else 255.0
         return np.clip(a * (255.0 / top), 0, 255).round().astype(np.uint8)
     if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
-        rgba = np.asarray(im.convert("RGBA"), dtype=np.float64)
-        alpha = rgba[..., 3:] / 255.0
-        lum = rgba[..., :3] @ np.array([0.299, 0.587, 0.114])
-        opaque = alpha[..., 0] > 0.5
+        # float32 plane by plane: a float64 RGBA copy of a large upload cost gigabytes
+        rgba = np.asarray(im.convert("RGBA"))
+        alpha = rgba[..., 3] * np.float32(1 / 255)
+        lum = sum(rgba[..., c] * np.float32(k) for c, k in enumerate((0.299, 0.587, 0.114)))
+        opaque = alpha > 0.5
         # Light ink on transparency (made for dark themes) would vanish on white.
         under = 0.0 if opaque.any() and lum[opaque].mean() > 128 else 255.0
-        gray = lum * alpha[..., 0] + under * (1.0 - alpha[..., 0])
-        return gray.round().astype(np.uint8)
+        gray = lum * alpha + np.float32(under) * (1 - alpha)
+        return np.clip(gray.round(), 0, 255).astype(np.uint8)
     return np.asarray(im.convert("L"))
 
 

@@ -217,3 +217,11 @@ def test_a_dataset_build_skips_hostile_files_and_keeps_the_rest(batch, tmp_path)
     assert "written: 1, skipped: 2" in p.stdout
     assert "dots.png: too many ink components" in p.stderr
     assert "noise.png: too many ink components" in p.stderr
+
+
+def test_fuzz_pass_over_every_kind_of_hostile_image():
+    from bench.fuzz_images import KINDS, fuzz
+
+    summary, failures = fuzz(2 * len(KINDS), seed=1, max_seconds=10, max_rss_mb=1500)
+    assert failures == [], failures
+    assert f"{2 * len(KINDS)} images" in summary and "0 failures" in summary
