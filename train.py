@@ -7,13 +7,16 @@
 The run can be killed at any moment: `last.pt` is rewritten atomically every `--save_every`
 steps and at each epoch's end with the model, optimizer, scheduler, RNG states and position in
 the epoch, and the batch order is a pure function of (seed, epoch), so `--from_check_point`
-continues exactly where the kill happened and ends with the same weights.
+continues exactly where the kill happened and ends with the same weights. At an epoch's end
+`best.pt` and the log row follow `last.pt`, which carries them, so a kill between those writes
+is made good on resume. A loss that turns non-finite stops the run before the optimizer step.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import io
 import math
 import os
 import sys
@@ -36,8 +39,10 @@ from model.checkpoint import (
     BEST,
     LAST,
     CheckpointError,
+    atomic_write,
     load_checkpoint,
     model_from_checkpoint,
+    remove_stale_temps,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -253,17 +258,33 @@ def validate(model: Im2Latex, loader: DataLoader, d: Dist, amp: bool,
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)), "val_acc": correct / tokens}
 
 
-def write_log(save_dir: Path, row: dict) -> None:
-    """Append the epoch's figures to log.csv and redraw curves.png from the whole file."""
+def read_log(save_dir: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """The columns and rows of the run's log.csv (none when there is no log yet)."""
     path = save_dir / "log.csv"
-    new = not path.is_file()
+    if not path.is_file():
+        return [], []
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def write_log(save_dir: Path, row: dict) -> None:
+    """Record the epoch's figures in log.csv, replacing a row of the same epoch, and redraw
+    curves.png from the whole file. The file is rewritten atomically, so a kill leaves whole
+    rows only."""
+    fields, rows = read_log(save_dir)
     # a run resumed by a newer version keeps the columns its log started with
-    fields = list(row) if new else path.read_text().splitlines()[0].split(",")
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        if new:
-            w.writeheader()
-        w.writerow(row)
+    fields = fields or list(row)
+    rows = [r for r in rows if r.get("epoch") != str(row["epoch"])] + [row]
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=fields, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write(save_dir / "log.csv", lambda f: f.write(text.getvalue().encode()))
+    plot_log(save_dir)
+
+
+def plot_log(save_dir: Path) -> None:
     try:
         import matplotlib
 
@@ -271,8 +292,7 @@ def write_log(save_dir: Path, row: dict) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_log(save_dir)[1]
     ep = [int(r["epoch"]) for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     a.plot(ep, [float(r["train_loss"]) for r in rows], "o-", label="train")
@@ -283,6 +303,27 @@ def write_log(save_dir: Path, row: dict) -> None:
     fig.tight_layout()
     fig.savefig(save_dir / "curves.png", dpi=100)
     plt.close(fig)
+
+
+def finish_epoch_end(save_dir: Path, ckpt: dict) -> None:
+    """Make the writes that follow `last.pt` at an epoch's end (best.pt, the log row), on resume
+    from that `last.pt` where a kill cut them short. `last.pt` is written first and carries both
+    the row and whether the epoch was the best so far, so the run ends with the best.pt and
+    log.csv an uninterrupted one would have left."""
+    end = ckpt.get("epoch_end")
+    if ckpt["step_in_epoch"] or not isinstance(end, dict):
+        return
+    if end.get("improved"):
+        try:
+            best_step = load_checkpoint(save_dir / BEST)["step"]
+        except CheckpointError:
+            best_step = None
+        if best_step != ckpt["step"]:
+            print(f"note: {BEST} was not written at the end of epoch {ckpt['epoch']}; written now")
+            save_checkpoint(ckpt, save_dir / BEST)
+    logged = {r.get("epoch") for r in read_log(save_dir)[1]}
+    if isinstance(end.get("row"), dict) and str(ckpt["epoch"]) not in logged:
+        write_log(save_dir, end["row"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -305,6 +346,9 @@ def train(args: argparse.Namespace, d: Dist, given: set[str]) -> int:
         use_tf32_on_cuda()
     amp = args.amp == "on" or (args.amp == "auto" and bf16_is_native(d.device))
     log = print if d.main else (lambda *a, **k: None)
+    if d.main and save_dir.is_dir():
+        for tmp in remove_stale_temps(save_dir):
+            log(f"note: removed {tmp}, left by a process killed while writing it")
 
     # --- the model, the vocabulary, and where we start from
     torch.manual_seed(args.seed)  # identical initial weights on every rank
@@ -314,6 +358,8 @@ def train(args: argparse.Namespace, d: Dist, given: set[str]) -> int:
             print(f"error: --from_check_point: no {LAST} in {save_dir}", file=sys.stderr)
             return 1
         resume = load_checkpoint(save_dir / LAST)
+        if d.main:
+            finish_epoch_end(save_dir, resume)
         changed = restore_run_flags(args, resume.get("args", {}), given)
         model, vocab = model_from_checkpoint(resume, source=str(save_dir / LAST))
         data_vocab_path = data_dir / "vocab.json"
@@ -376,6 +422,7 @@ def train(args: argparse.Namespace, d: Dist, given: set[str]) -> int:
         optimizer, factor=args.lr_decay, patience=args.lr_patience, min_lr=args.min_lr)
     torch.manual_seed(args.seed + d.rank)  # different dropout masks per rank
     epoch, step_in_epoch, step, best = 0, 0, 0, math.inf
+    carried = 0.0, 0  # the epoch's training-loss sum and steps before a resume
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
@@ -389,9 +436,11 @@ def train(args: argparse.Namespace, d: Dist, given: set[str]) -> int:
             log(f"note: checkpoint from {len(states)} process(es), now {d.world}: RNG reseeded")
         epoch, step_in_epoch = resume["epoch"], resume["step_in_epoch"]
         step, best = resume["step"], resume["best_val_loss"]
+        if step_in_epoch:
+            carried = resume.get("ep_loss", 0.0), resume.get("ep_n", 0)
         log(f"resumed from {save_dir / LAST}: epoch {epoch + 1}, step {step}")
 
-    def checkpoint(*paths: Path) -> None:
+    def checkpoint(*paths: Path, epoch_end: dict | None = None) -> None:
         rng = d.gather(rng_state())  # collective: every rank calls it
         if not d.main:
             return
@@ -399,7 +448,9 @@ def train(args: argparse.Namespace, d: Dist, given: set[str]) -> int:
                  "vocab": vocab.to_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "rng": rng, "epoch": epoch,
                  "step_in_epoch": step_in_epoch, "step": step, "best_val_loss": best,
-                 "args": vars(args)}
+                 "ep_loss": ep_loss, "ep_n": ep_n, "args": vars(args)}
+        if epoch_end is not None:
+            state["epoch_end"] = epoch_end
         for path in paths:
             save_checkpoint(state, path)
 
@@ -415,12 +466,13 @@ def train(args: argparse.Namespace, d: Dist, given: set[str]) -> int:
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epoches}",
                    disable=args.quiet or not d.main, initial=step_in_epoch, total=len(batches),
                    dynamic_ncols=True)
-        ep_loss, ep_n = 0.0, 0
+        (ep_loss, ep_n), carried = carried, (0.0, 0)
+        seen = 0  # batches this process has had this epoch
         waited = worked = 0.0  # seconds this epoch: for the next batch / on steps
         mark = time.perf_counter()
         for batch in bar:
             arrived = time.perf_counter()
-            if ep_n:  # the first batch also waits for the workers to start: not steady state
+            if seen:  # the first batch also waits for the workers to start: not steady state
                 waited += arrived - mark
             tf = teacher_forcing_ratio(args.sample_method, step, args.decay_k)
             while True:
@@ -436,12 +488,21 @@ def train(args: argparse.Namespace, d: Dist, given: set[str]) -> int:
                     chunks *= 2
                     log(f"\nout of GPU memory: step {step + 1} retried in {chunks} "
                         f"micro-batches of ~{-(-len(batch['imgs']) // chunks)}")
-            if args.clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, args.clip)
+            norm = torch.nn.utils.clip_grad_norm_(params, args.clip) if args.clip > 0 else 0.0
+            # Both should be the same on every rank (the loss is all-reduced, and so are the
+            # gradients under DDP); the vote makes sure that all ranks stop at the same step.
+            if d.sum(not (math.isfinite(loss) and math.isfinite(norm)))[0] > 0:
+                what, value = ("gradient norm", norm) if math.isfinite(loss) else ("loss", loss)
+                if d.main:
+                    print(f"\nerror: the training {what} became {float(value):g} at step "
+                          f"{step + 1} (epoch {epoch + 1}); stopped "
+                          f"before the optimizer step, {save_dir / LAST} is left as it was. Try "
+                          "a lower --lr or --clip, or check the data", file=sys.stderr)
+                return 1
             optimizer.step()
             step += 1
             step_in_epoch += 1
-            ep_loss, ep_n = ep_loss + loss, ep_n + 1
+            ep_loss, ep_n, seen = ep_loss + loss, ep_n + 1, seen + 1
             bar.set_postfix(loss=f"{loss:.3f}", ppl=f"{math.exp(min(loss, 50)):.2f}",
                             lr=f"{optimizer.param_groups[0]['lr']:.1e}")
             if args.quiet and step % args.print_freq == 0:
@@ -452,7 +513,7 @@ def train(args: argparse.Namespace, d: Dist, given: set[str]) -> int:
             if stop or step % args.save_every == 0:
                 checkpoint(save_dir / LAST)
             mark = time.perf_counter()  # every step ends in a host sync: the device is idle now
-            if ep_n > 1:
+            if seen > 1:
                 worked += mark - arrived
             if stop:
                 break
@@ -472,9 +533,6 @@ def train(args: argparse.Namespace, d: Dist, given: set[str]) -> int:
         epoch, step_in_epoch = epoch + 1, 0
         improved = metrics["val_loss"] < best
         best = min(best, metrics["val_loss"])
-        checkpoint(save_dir / LAST, *([save_dir / BEST] if improved else []))
-        if not d.main:
-            continue
         train_loss = ep_loss / max(ep_n, 1)
         row = {"epoch": epoch, "step": step, "train_loss": round(train_loss, 5),
                "train_ppl": round(math.exp(min(train_loss, 50)), 4),
@@ -482,6 +540,12 @@ def train(args: argparse.Namespace, d: Dist, given: set[str]) -> int:
                "lr": optimizer.param_groups[0]["lr"],
                "minutes": round((time.time() - started) / 60, 2),
                "data_wait": round(data_wait, 4)}
+        # last.pt first, holding what the writes after it need: a kill between them is
+        # repaired on resume (finish_epoch_end)
+        checkpoint(save_dir / LAST, *([save_dir / BEST] if improved else []),
+                   epoch_end={"row": row, "improved": improved})
+        if not d.main:
+            continue
         write_log(save_dir, row)
         log(f"epoch {epoch}: train loss {train_loss:.4f}, val loss {metrics['val_loss']:.4f}, "
             f"val ppl {metrics['val_ppl']:.3f}, val token acc {metrics['val_acc']:.4f}"
