@@ -83,8 +83,9 @@ _WINDOW = (330, 360, 1100, 400)  # left, top, width, height
 
 # Anything that touches files, the engine or the tokenizer, spells a name or a file name
 # from tokens (``\\string~`` makes the catcode-12 ``~`` that kpathsea expands to a home
-# directory), copies or moves a token away from what follows it (``\\let\\b\\begin``, then
-# ``\\b{input}``), or sets hooks; no formula needs these.
+# directory; ``\\pagenumbering{@@input}`` makes ``\\thepage`` run ``\\@@input``), copies
+# or moves a token away from what follows it (``\\let\\b\\begin``, then ``\\b{input}``),
+# or sets hooks; no formula needs these.
 _FORBIDDEN = re.compile(
     r"\\(input|include|includeonly|openin|openout|closein|closeout|read|readline|write|"
     r"immediate|csname|ifcsname|catcode|lccode|uccode|sfcode|mathcode|delcode|scantokens|"
@@ -96,7 +97,8 @@ _FORBIDDEN = re.compile(
     r"InputIfFileExists|listfiles|nofiles|verbatiminput|lstinputlisting|special|let|"
     r"futurelet|expandafter|aftergroup|afterassignment|AddToHook[A-Za-z]*|UseHook|"
     r"AtBeginDocument|AtEndDocument|AtBeginDvi|tableofcontents|listof[a-z]*|"
-    r"addtocontents|addcontentsline|newwrite|newread|bibliography[a-z]*)(?![a-zA-Z])"
+    r"addtocontents|addcontentsline|newwrite|newread|bibliography[a-z]*|pagenumbering|"
+    r"pagestyle|thispagestyle|numberwithin|newtheorem)(?![a-zA-Z])"
     r"|\\@(?=[a-zA-Z])|\^\^"
 )
 # Environments that formulas use and the preamble's packages define. LaTeX runs ``\\NAME``

@@ -68,6 +68,7 @@ def attacks(secret: Path) -> list[str]:
         r"\def\g#1#2{#1{input}}\g\begin{array}{c}x\end{array}{../secret}",
         r"\UseName{input}{../secret}", r"\makeatletter\@input{../secret}",
         r"\text{\input{../secret}}", r"\mathrm{\string~}", r"\detokenize{~}/../secret",
+        r"\pagenumbering{@@input}\thepage{../secret}", r"\pagestyle{input}",
     ]
 
 
