@@ -139,14 +139,18 @@ def pad_to_bucket(img: np.ndarray, scale: int = 1) -> np.ndarray:
 
 
 def finish_render(
-    page: np.ndarray, pad_px: int = 8, factor: int = 2, bucket: bool = False
+    page: np.ndarray, pad_px: int = 8, factor: int = 2, bucket: bool = False,
+    binary: bool = True,
 ) -> np.ndarray:
     """A rasterized page (at ``factor`` x the output resolution) in the dataset's look.
 
     Without a bucket the canvas is first widened to a multiple of ``factor`` (white at the
     right and bottom), so the halving is exact and the pixels equal the bucketed image's.
+    ``binary=False`` keeps the rasterizer's anti-aliasing (how screen renderers draw) instead
+    of the dataset's every-gray-is-black look.
     """
-    img = pad(binarize(crop_to_ink(page)), pad_px)  # crop first: same result, less work
+    img = crop_to_ink(page)  # crop first: same result, less work
+    img = pad(binarize(img) if binary else img, pad_px)
     if bucket:
         img = pad_to_bucket(img, scale=factor)
     else:
