@@ -60,7 +60,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -68,8 +68,9 @@ from PIL import Image
 
 from data.image import ImageError, finish_render, ink_bbox
 from data.sandbox import sandboxed
+from data.styles import DEFAULT_STYLE, Style, get_style
 
-PREAMBLE = "\\documentclass[12pt]{article}\n\\pagestyle{empty}\n\\usepackage[cmex10]{amsmath}\n"
+PREAMBLE = get_style(DEFAULT_STYLE).preamble()
 
 # The dataset's glyphs sit this far (in bp) below where this TeX Live puts them on A4: found
 # by scanning sub-pixel offsets against the sample; it halves the pixel error on
@@ -141,6 +142,24 @@ class RenderOptions:
     strict: bool = False  # True: any TeX error fails the formula
     max_chars: int = 4096
     sandbox: bool = True  # run TeX and Ghostscript under bubblewrap where it can start
+    style: str | Style = DEFAULT_STYLE  # a name in data.styles.STYLES (fonts, size, look)
+
+    def __post_init__(self) -> None:
+        get_style(self.style)  # an unknown name fails here, listing the valid ones
+
+
+def _effective(opts: RenderOptions) -> RenderOptions:
+    """The options a style's resolution implies: rasterized at its dpi, shrunk by the
+    integer factor that lands at the usual output scale, margins scaled alike."""
+    style = get_style(opts.style)
+    if style.dpi is None or style.dpi == opts.dpi:
+        return opts
+    factor, rest = divmod(opts.downsample * style.dpi, opts.dpi)
+    if rest or factor < 1:
+        raise ValueError(f"style {style.name!r}: {style.dpi} dpi is no integer multiple of "
+                         f"the output scale ({opts.dpi} dpi / {opts.downsample})")
+    return replace(opts, dpi=style.dpi, downsample=factor,
+                   pad=round(opts.pad * style.dpi / opts.dpi))
 
 
 @dataclass(frozen=True)
@@ -282,7 +301,9 @@ def wrap_multiline(formula: str) -> str:
     return f"\\begin{{{env}}}\n{formula}\n\\end{{{env}}}"
 
 
-def _document(formulas: Sequence[str], nonce: str, geometry: _Geometry, dpi: int) -> str:
+def _document(
+    formulas: Sequence[str], nonce: str, geometry: _Geometry, dpi: int, style: Style
+) -> str:
     """One page per formula; markers tell which formula TeX is on and how many pages exist."""
     px = 72.0 / dpi  # one pixel in bp
     setup = [
@@ -298,12 +319,14 @@ def _document(formulas: Sequence[str], nonce: str, geometry: _Geometry, dpi: int
         # height: cut whole rows off the A4 height so every glyph keeps its sub-pixel phase.
         cut = round(297 / 25.4 * dpi) - geometry.height
         setup[3] = f"\\pdfpageheight=\\dimexpr297truemm-{cut * px:.5f}bp\\relax"
-    parts = [PREAMBLE, "\n".join(setup), _PAGE_STATE, "\\begin{document}\n"]
+    parts = [style.preamble(), "\n".join(setup), _PAGE_STATE, "\\begin{document}\n"]
+    # Text style stays in a display (centred, never broken across lines), only smaller.
+    lead = "" if style.display else "\\textstyle "
     for i, f in enumerate(formulas):
         parts.append(
             _marker(nonce, str(i))
-            + "\\csname imx@reset\\endcsname\n\\begin{displaymath}\n"
-            + f"{wrap_multiline(tex_body(f))}\n\\end{{displaymath}}\n\\newpage\n"
+            + f"\\csname imx@reset\\endcsname\n{style.setup}\\begin{{displaymath}}\n"
+            + f"{lead}{wrap_multiline(tex_body(f))}\n\\end{{displaymath}}\n\\newpage\n"
         )
     parts.append(_marker(nonce, "end") + "\\end{document}\n")
     return "".join(parts)
@@ -472,7 +495,8 @@ def _run_tex(
     nonce = secrets.token_hex(8)
     for old in workdir.iterdir():
         shutil.rmtree(old) if old.is_dir() else old.unlink()
-    (workdir / "batch.tex").write_text(_document(formulas, nonce, geometry, opts.dpi))
+    document = _document(formulas, nonce, geometry, opts.dpi, get_style(opts.style))
+    (workdir / "batch.tex").write_text(document)
     argv = ["pdflatex", "-no-shell-escape", "-interaction=nonstopmode", "-jobname=batch",
             "batch.tex"]
     proc = subprocess.Popen(
@@ -548,7 +572,8 @@ def _rasterize(pdf: Path, pages: int, opts: RenderOptions) -> list[np.ndarray]:
 
 def _finish(page: np.ndarray, opts: RenderOptions) -> RenderResult:
     try:
-        img = finish_render(page, opts.pad, opts.downsample, opts.bucket)
+        img = finish_render(page, opts.pad, opts.downsample, opts.bucket,
+                            binary=get_style(opts.style).binary)
     except ImageError:
         return RenderResult(None, "rendered nothing visible")
     return RenderResult(img)
@@ -707,6 +732,7 @@ def iter_render(
     """(index, result) pairs as batches finish, in no particular order; all cores busy."""
     check_tools()
     remove_stale_workdirs()
+    opts = _effective(opts)
     rejected, batches = _batches(formulas, opts)
     yield from rejected.items()
     bar = None
@@ -742,9 +768,13 @@ def render_results(
 
 
 def render_formulas(
-    formulas: Sequence[str], opts: RenderOptions = RenderOptions(), progress: bool = False
+    formulas: Sequence[str], opts: RenderOptions = RenderOptions(), progress: bool = False,
+    style: str | Style | None = None,
 ) -> list[np.ndarray | None]:
-    """Images in input order; None where a formula failed to render."""
+    """Images in input order; None where a formula failed to render. ``style`` (a name in
+    data.styles.STYLES) overrides ``opts.style``: the same formulas in another look."""
+    if style is not None:
+        opts = replace(opts, style=style)
     return [r.image for r in render_results(formulas, opts, progress)]
 
 

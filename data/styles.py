@@ -1,0 +1,99 @@
+"""Named render styles: the fonts, sizes and rasterizations a formula can be drawn in.
+
+Why: a model trained on one renderer reads only that renderer (issue 12: Times formulas and
+anti-aliased screenshots scored less than half of our own renders). Each style changes one or
+two things people's images differ in, using only what the Debian TeX packages of
+``.ci/install`` typeset (psnfss, txfonts, pxfonts, euler, sansmath; no font is generated).
+``cm`` is the IM2LATEX-100K look and the default; it must stay pixel-identical to the
+renderer's historic output, so its preamble is the renderer's own and it changes nothing.
+
+Every style's output is at the training scale (a 12pt formula has the glyph size the model
+saw), except the 10pt/11pt styles, whose glyphs are smaller on purpose: that is the variety
+they add. A resolution style rasterizes at another dpi and is brought to the same scale by
+an integer LANCZOS shrink, so only the pixel-level look (stroke weight, jaggies) changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+DEFAULT_STYLE = "cm"
+
+
+@dataclass(frozen=True)
+class Style:
+    """How one style differs from the standard look; the defaults are the standard look."""
+
+    name: str
+    packages: tuple[str, ...] = ()  # preamble lines after amsmath (\\usepackage{...}, ...)
+    size: str = "12pt"  # the article class option: the body and math font size
+    display: bool = True  # False: \\textstyle (inline sums, small fractions)
+    dpi: int | None = None  # rasterization resolution; None: RenderOptions.dpi
+    binary: bool = True  # False: keep Ghostscript's anti-aliasing, as screens show math
+    setup: str = ""  # TeX before every formula's display (a math version switch)
+
+    def preamble(self) -> str:
+        lines = [f"\\documentclass[{self.size}]{{article}}", "\\pagestyle{empty}",
+                 "\\usepackage[cmex10]{amsmath}", *self.packages]
+        return "\n".join(lines) + "\n"
+
+
+_SANS = ("\\usepackage{sansmath}", "\\renewcommand{\\familydefault}{\\sfdefault}")
+
+STYLES: dict[str, Style] = {s.name: s for s in (
+    Style("cm"),
+    Style("times", ("\\usepackage{mathptmx}",)),
+    Style("txfonts", ("\\usepackage{txfonts}",)),
+    Style("palatino", ("\\usepackage{mathpazo}",)),
+    Style("pxfonts", ("\\usepackage{pxfonts}",)),
+    Style("euler", ("\\usepackage{euler}",)),
+    Style("sans", _SANS, setup="\\sansmath "),
+    Style("helvetica", ("\\usepackage[scaled=0.92]{helvet}", *_SANS), setup="\\sansmath "),
+    Style("cm-text", display=False),
+    Style("cm-10pt", size="10pt"),
+    Style("cm-11pt", size="11pt"),
+    Style("cm-100dpi", dpi=100),
+    Style("cm-300dpi", dpi=300),
+    # Anti-aliased at the output resolution, as a screen draws a formula.
+    Style("cm-aa", dpi=100, binary=False),
+    Style("times-aa", ("\\usepackage{mathptmx}",), dpi=100, binary=False),
+)}
+
+
+def get_style(style: str | Style) -> Style:
+    """The registered style of that name (a Style is returned as is); a clear error else."""
+    if isinstance(style, Style):
+        return style
+    try:
+        return STYLES[style]
+    except KeyError:
+        raise ValueError(f"unknown render style {style!r}; valid: {', '.join(STYLES)}") from None
+
+
+def parse_styles(text: str) -> list[str]:
+    """``"cm,times"`` -> ["cm", "times"], each checked, duplicates dropped, order kept."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise ValueError(f"no render style given; valid: {', '.join(STYLES)}")
+    for n in names:
+        get_style(n)
+    return list(dict.fromkeys(names))
+
+
+def styles_for(formula: str, styles: Sequence[str], extra: int, seed: int = 0) -> list[str]:
+    """The styles one training formula is rendered in: the first of ``styles`` always (the
+    benchmark look), plus ``extra`` of the others picked by a seeded hash of the formula.
+
+    Why not every style for every formula: the data (and rendering time) would grow by the
+    number of styles, mostly repeating the same labels; a hash spreads the styles evenly over
+    the formulas, gives a rebuild the same images (resumable), and ``extra`` sets the growth
+    (``extra + 1``-fold) independently of how many styles exist.
+    """
+    first, others = styles[0], list(styles[1:])
+    if extra <= 0 or not others:
+        return [first]
+    ranked = sorted(others, key=lambda s: hashlib.sha1(
+        f"{seed}\0{s}\0{formula}".encode()).digest())
+    return [first, *ranked[:extra]]
