@@ -3,6 +3,13 @@
     python preprocess.py --data_path DIR                       # layout -> DIR/shards/
     python preprocess.py --render FORMULAS --data_path DIR     # formula list -> layout -> shards
     python preprocess.py --generate 20000 --data_path DIR      # the embedded default dataset
+    python preprocess.py --generate 20000 --data_path DIR --styles cm,times,palatino,cm-aa
+                       # every training formula in cm plus --extra_styles (1) of the others
+
+Render styles (data/styles.py): training formulas get the first of --styles plus
+--extra_styles others chosen by a seeded hash of the formula (images NAME_STYLE.png), so the
+data grows (extra_styles + 1)-fold rather than by the number of styles; validation and test
+stay in --eval_style (cm), so scores stay comparable with earlier runs.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from data.build import BuildReport, Filters, build_dataset
 from data.layout import read_lines
 from data.render import RenderOptions
 from data.shards import ShardError, shard_dataset
+from data.styles import DEFAULT_STYLE, STYLES, get_style, parse_styles
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,10 +50,28 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="train/validate formulas longer than this are dropped")
     p.add_argument("--max_width", type=int, default=Filters.max_width)
     p.add_argument("--max_height", type=int, default=Filters.max_height)
+    p.add_argument("--styles", default=DEFAULT_STYLE, metavar="A,B,...",
+                   help="render styles of training formulas, the first for all of them "
+                        f"(default {DEFAULT_STYLE}; valid: {', '.join(STYLES)})")
+    p.add_argument("--extra_styles", type=int, default=1, metavar="K",
+                   help="styles besides the first per training formula, picked by a hash "
+                        "of the formula (default 1: the training images double)")
+    p.add_argument("--eval_style", default=DEFAULT_STYLE,
+                   help="style of validation and test images (default %(default)s)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="TeX processes")
     p.add_argument("--no_shards", action="store_true", help="build the layout only")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
+
+
+def _styles(args: argparse.Namespace) -> tuple[list[str], str]:
+    """--styles and --eval_style checked, with a one-line error naming the valid styles."""
+    if args.extra_styles < 0:
+        raise SystemExit("error: --extra_styles must be 0 or more")
+    try:
+        return parse_styles(args.styles), get_style(args.eval_style).name
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def build(args: argparse.Namespace) -> BuildReport:
@@ -72,10 +98,12 @@ def build(args: argparse.Namespace) -> BuildReport:
             fixed[split] = read_lines(name)
     exclude = [ln for f in args.exclude for ln in read_lines(f)]
     filters = Filters(args.max_tokens, args.max_width, args.max_height)
+    styles, eval_style = _styles(args)
     report = build_dataset(lines, args.data_path, ratios=args.split_ratio, seed=args.seed,
                            exclude=exclude, fixed=fixed, sample=args.sample, filters=filters,
                            render_opts=RenderOptions(workers=args.workers),
-                           progress=not args.quiet)
+                           progress=not args.quiet, styles=styles,
+                           extra_styles=args.extra_styles, eval_style=eval_style)
     print("\n".join(report.lines()))
     return report
 

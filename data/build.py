@@ -2,6 +2,14 @@
 
 Every step reports how many formulas it kept, because the first question about any training
 corpus is "how much of it survived, and why not the rest".
+
+Render styles (issue 12): a training formula is rendered in the first of ``styles`` (the
+benchmark look, ``cm``, named ``STEM.png`` as always) plus ``extra_styles`` others picked by a
+seeded hash of the formula (``STEM_STYLE.png``, one more row of the train split for the same
+formula), so the training images grow ``extra_styles + 1``-fold whatever the number of styles.
+Validation and test formulas are rendered in ``eval_style`` only (``cm``: scores stay
+comparable with every earlier run). A formula whose first-style image fails is dropped; an
+extra style that fails or comes out too large loses only that image.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from PIL import Image
 from data.layout import IMAGES_DIR, SPLITS, write_layout
 from data.normalize import NormalizeError, detokenize, normalize
 from data.render import RenderOptions, render_to_dir
+from data.styles import DEFAULT_STYLE, styles_for
 
 
 @dataclass(frozen=True)
@@ -50,6 +59,11 @@ class BuildReport:
                 for r, n in self.dropped.most_common()]
         out += [f"{s:<32} {n:>8}" for s, n in self.splits.items()]
         return out
+
+
+def image_name(stem: str, style: str) -> str:
+    """The PNG name of a formula's image in a style; the default style keeps the plain stem."""
+    return f"{stem}.png" if style == DEFAULT_STYLE else f"{stem}_{style}.png"
 
 
 def image_stem(formula: str) -> str:
@@ -99,10 +113,12 @@ def build_dataset(lines: Iterable[str], data_dir: str | Path, *, ratios: Sequenc
                   seed: int = 0, exclude: Iterable[str] = (),
                   fixed: dict[str, Iterable[str]] | None = None, sample: int = 0,
                   filters: Filters = Filters(), render_opts: RenderOptions = RenderOptions(),
-                  progress: bool = True) -> BuildReport:
+                  progress: bool = True, styles: Sequence[str] = (DEFAULT_STYLE,),
+                  extra_styles: int = 1, eval_style: str = DEFAULT_STYLE) -> BuildReport:
     """`lines` are split by `ratios`; `fixed` maps a split to formulas that all go there (e.g. the
     real validation and test sets), and those never appear in another split. `sample` keeps a
-    seeded random subset of `lines` (after normalizing and excluding), to fit a time budget."""
+    seeded random subset of `lines` (after normalizing and excluding), to fit a time budget.
+    `styles`, `extra_styles`, `eval_style`: the render styles (see the module docstring)."""
     report = BuildReport()
     fixed_formulas: list[str] = []
     fixed_splits: list[str] = []
@@ -145,34 +161,71 @@ def build_dataset(lines: Iterable[str], data_dir: str | Path, *, ratios: Sequenc
 
     data_dir = Path(data_dir)
     img_dir = data_dir / IMAGES_DIR
-    stems = [image_stem(f) for f in wanted]
     split_of = dict(zip(formulas, splits))
-    # What is rendered is the LaTeX the tokens stand for (`\text{if}`, not `\text { i f }`).
-    # Training formulas render strictly: TeX's error recovery drops what it cannot typeset, and
-    # an image missing part of its label teaches the model to hallucinate. Test formulas render
-    # as the original dataset did (pdflatex in nonstopmode), so scores stay comparable.
-    for strict in (True, False):
-        idx = [i for i, f in enumerate(wanted) if (split_of[f] != "test") == strict]
-        opts = replace(render_opts, bucket=True, strict=strict)
-        render_to_dir([detokenize(wanted[i]) for i in idx], [stems[i] for i in idx], img_dir,
-                      opts, progress=progress)
-
-    rows: dict[str, list[tuple[str, int]]] = {s: [] for s in SPLITS}
-    for idx, (f, stem) in enumerate(zip(wanted, stems)):
-        name = stem + ".png"
-        path = img_dir / name
-        if not path.is_file():
-            report.drop("failed to render", f)
-            continue
-        split = split_of[f]
-        if split != "test":
-            with Image.open(path) as im:
-                w, h = im.size
-            if w > filters.max_width or h > filters.max_height:
-                report.drop(f"image over {filters.max_width}x{filters.max_height}", f)
-                continue
-        rows[split].append((name, idx))
-    report.step("rendered and kept", sum(map(len, rows.values())))
+    plan = [styles_for(f, styles, extra_styles, seed) if split_of[f] == "train"
+            else [eval_style] for f in wanted]
+    _render_plan(wanted, [split_of[f] for f in wanted], plan, img_dir, render_opts, progress)
+    rows = _collect_rows(wanted, split_of, plan, img_dir, filters, report)
     write_layout(data_dir, wanted, rows)
     report.splits = {f"  {s}": len(r) for s, r in rows.items()}
     return report
+
+
+def _render_plan(wanted: Sequence[str], splits: Sequence[str], plan: Sequence[Sequence[str]],
+                 img_dir: Path, render_opts: RenderOptions, progress: bool) -> None:
+    """Render every (formula, style) of the plan: one pass per style and strictness, so each
+    TeX document holds one style; images already on disk are kept (a rerun resumes)."""
+    stems = [image_stem(f) for f in wanted]
+    for style in dict.fromkeys(s for styles in plan for s in styles):
+        # What is rendered is the LaTeX the tokens stand for (`\text{if}`, not `\text { i f }`).
+        # Training formulas render strictly: TeX's error recovery drops what it cannot typeset,
+        # and an image missing part of its label teaches the model to hallucinate. Test
+        # formulas render as the original dataset did (pdflatex in nonstopmode), so scores
+        # stay comparable.
+        for strict in (True, False):
+            idx = [i for i, styles in enumerate(plan)
+                   if style in styles and (splits[i] != "test") == strict]
+            if not idx:
+                continue
+            opts = replace(render_opts, bucket=True, strict=strict, style=style)
+            names = [image_name(stems[i], style)[: -len(".png")] for i in idx]
+            render_to_dir([detokenize(wanted[i]) for i in idx], names, img_dir, opts,
+                          progress=progress)
+
+
+def _collect_rows(wanted: Sequence[str], split_of: dict[str, str],
+                  plan: Sequence[Sequence[str]], img_dir: Path, filters: Filters,
+                  report: BuildReport) -> dict[str, list[tuple[str, int]]]:
+    """The split files' rows: each rendered image that passes the size filters. A formula
+    whose first-style image is missing or too large is dropped with all its styles."""
+    rows: dict[str, list[tuple[str, int]]] = {s: [] for s in SPLITS}
+    extra = 0
+    for idx, (f, styles) in enumerate(zip(wanted, plan)):
+        split = split_of[f]
+        for k, style in enumerate(styles):
+            name = image_name(image_stem(f), style)
+            reason = _unusable(img_dir / name, split, filters)
+            if reason is not None:
+                report.drop(reason if k == 0 else f"{style}: {reason}", f)
+                if k == 0:
+                    break
+                continue
+            rows[split].append((name, idx))
+            extra += k > 0
+    report.step("rendered and kept", sum(map(len, rows.values())))
+    if extra:
+        report.step("  of them in an extra style", extra)
+    return rows
+
+
+def _unusable(path: Path, split: str, filters: Filters) -> str | None:
+    """Why an image cannot be used, or None; test images are kept at any size."""
+    if not path.is_file():
+        return "failed to render"
+    if split == "test":
+        return None
+    with Image.open(path) as im:
+        w, h = im.size
+    if w > filters.max_width or h > filters.max_height:
+        return f"image over {filters.max_width}x{filters.max_height}"
+    return None
