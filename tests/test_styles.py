@@ -1,0 +1,147 @@
+"""data.styles and render styles: each style draws a formula differently, cm is untouched,
+preprocess.py --styles writes the extra images for training only, bad names fail clearly."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from data import render as R
+from data.build import image_stem
+from data.layout import FORMULAS_FILE, IMAGES_DIR, read_lines, split_file
+from data.render import RenderOptions, render_formulas
+from data.styles import DEFAULT_STYLE, STYLES, Style, get_style, parse_styles, styles_for
+from tests.conftest import HAVE_TEX, run_script
+
+needs_tex = pytest.mark.skipif(not HAVE_TEX, reason="needs pdflatex and gs")
+
+FORMULA = (r"\sum _ { i = 1 } ^ { n } \frac { \alpha _ { i } } { \sqrt { b } } + x ^ { 2 }"
+           r" \text { if } y")
+FAST = RenderOptions(workers=1, formula_timeout_s=2.0, timeout_s=60)
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, np.ndarray]:
+    """FORMULA in every registered style, one TeX run each."""
+    out = {}
+    for name in STYLES:
+        (img,) = render_formulas([FORMULA], replace(FAST, style=name))
+        assert img is not None, name
+        out[name] = img
+    return out
+
+
+def ink_box(img: np.ndarray) -> tuple[int, int]:
+    """Height and width of the pixels clearly darker than paper."""
+    rows, cols = np.nonzero(img < 200)
+    return int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
+
+
+@needs_tex
+def test_every_style_draws_the_formula_differently_at_a_similar_size(rendered):
+    cm = rendered[DEFAULT_STYLE]
+    ch, cw = ink_box(cm)
+    for name, img in rendered.items():
+        if name == DEFAULT_STYLE:
+            continue
+        differs = img.shape != cm.shape or np.abs(img.astype(int) - cm).sum() > 255 * 20
+        assert differs, f"{name} looks like cm"
+        h, w = ink_box(img)
+        assert 0.5 * ch <= h <= 1.25 * ch and 0.7 * cw <= w <= 1.25 * cw, (name, h, w, ch, cw)
+
+
+@needs_tex
+def test_each_variation_changes_what_it_names(rendered):
+    cm_h, cm_w = ink_box(rendered["cm"])
+    assert ink_box(rendered["cm-text"])[0] < 0.8 * cm_h  # sum limits beside, small fraction
+    area = {n: np.prod(ink_box(rendered[n])) for n in ("cm-10pt", "cm-11pt", "cm")}
+    assert area["cm-10pt"] < area["cm-11pt"] < area["cm"]
+
+    def gray_share(img: np.ndarray) -> float:  # of the non-paper pixels, how many are gray
+        ink = img[img < 250]
+        return float(((ink > 60) & (ink < 200)).mean())
+
+    assert gray_share(rendered["cm-aa"]) > gray_share(rendered["cm"]) + 0.1
+    assert gray_share(rendered["times-aa"]) > gray_share(rendered["times"]) + 0.1
+
+    def darkness(img: np.ndarray) -> float:  # ink per unit of box: stroke weight
+        return float((255 - img.astype(float)).sum() / np.prod(ink_box(img)))
+
+    # Binarized at the output resolution strokes are bolder; at 300 dpi, lighter.
+    assert darkness(rendered["cm-100dpi"]) > darkness(rendered["cm"]) > darkness(
+        rendered["cm-300dpi"])
+
+
+@needs_tex
+def test_cm_is_the_default_and_unchanged(rendered):
+    assert RenderOptions().style == DEFAULT_STYLE == "cm"
+    historic = "\\documentclass[12pt]{article}\n\\pagestyle{empty}\n\\usepackage[cmex10]{amsmath}\n"
+    assert get_style("cm").preamble() == historic == R.PREAMBLE
+    document = R._document([FORMULA], "n", R._Geometry(), 200, get_style("cm"))
+    assert "\\textstyle" not in document and "sansmath" not in document
+    (plain,) = render_formulas([FORMULA], FAST)
+    (named,) = render_formulas([FORMULA], FAST, style="cm")
+    assert plain.shape == named.shape == rendered["cm"].shape
+    assert (plain == named).all() and (plain == rendered["cm"]).all()
+
+
+def test_unknown_style_names_the_valid_ones():
+    with pytest.raises(ValueError, match="unknown render style 'tims'.*cm, times"):
+        RenderOptions(style="tims")
+    with pytest.raises(ValueError, match="unknown render style"):
+        parse_styles("cm,tims")
+    with pytest.raises(ValueError, match="no render style"):
+        parse_styles(" , ")
+    assert parse_styles("cm, times,cm") == ["cm", "times"]
+    odd = RenderOptions(style=Style("odd", dpi=150))  # 150 dpi: no integer shrink to 100
+    with pytest.raises(ValueError, match="no integer multiple"):
+        R._effective(odd)
+
+
+def test_styles_per_formula_are_seeded_spread_and_bounded():
+    styles = ["cm", "times", "palatino", "euler", "cm-aa"]
+    formulas = [f"x _ {{ {i} }}" for i in range(400)]
+    picks = [styles_for(f, styles, 1) for f in formulas]
+    assert all(p[0] == "cm" and len(p) == 2 and p[1] in styles[1:] for p in picks)
+    counts = {s: sum(p[1] == s for p in picks) for s in styles[1:]}
+    assert min(counts.values()) > 60, counts  # about 100 each
+    assert picks == [styles_for(f, styles, 1) for f in formulas]  # resumable: same choice
+    assert picks != [styles_for(f, styles, 1, seed=1) for f in formulas]
+    assert styles_for("x", styles, 0) == ["cm"] and styles_for("x", ["cm"], 3) == ["cm"]
+    two = styles_for("x", styles, 2)
+    assert len(two) == 3 and len(set(two)) == 3
+
+
+@needs_tex
+def test_preprocess_styles_adds_training_images_only(tmp_path):
+    d = tmp_path / "ds"
+    args = ["--generate", "24", "--data_path", d, "--quiet", "--no_shards", "--workers", "1",
+            "--split_ratio", "0.6", "0.2", "0.2", "--styles", "cm,times,cm-aa"]
+    run_script("preprocess.py", *args)
+    formulas = read_lines(d / FORMULAS_FILE)
+    rows = {s: [ln.split() for ln in read_lines(d / split_file(s))]
+            for s in ("train", "validate", "test")}
+    train = {}
+    for name, idx in rows["train"]:
+        train.setdefault(int(idx), []).append(name)
+    assert train and all(len(names) == 2 for names in train.values())
+    for idx, names in train.items():
+        stem = image_stem(formulas[idx])
+        assert names[0] == f"{stem}.png"
+        assert names[1] in (f"{stem}_times.png", f"{stem}_cm-aa.png")
+    for split in ("validate", "test"):
+        assert rows[split] and all("_" not in name for name, _ in rows[split])
+    images = sorted((d / IMAGES_DIR).glob("*.png"))
+    assert len(images) == sum(map(len, rows.values()))
+    before = {p: p.stat().st_mtime_ns for p in images}
+    run_script("preprocess.py", *args)  # a rerun renders nothing again
+    assert {p: p.stat().st_mtime_ns for p in images} == before
+
+
+def test_preprocess_unknown_style_is_a_one_line_error(tmp_path):
+    p = run_script("preprocess.py", "--generate", "3", "--data_path", tmp_path / "o",
+                   "--styles", "cm,tims", check=False)
+    assert p.returncode != 0
+    assert p.stderr.strip().splitlines() == [
+        f"error: unknown render style 'tims'; valid: {', '.join(STYLES)}"]
+    assert not (tmp_path / "o" / IMAGES_DIR).exists()
