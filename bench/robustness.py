@@ -1,0 +1,263 @@
+"""How well does a model read formula images that are not our renders? One table, one row per
+condition: BLEU-4 and exact match over the same formulas.
+
+    python bench/robustness.py                           # shipped model, 200 test formulas, beam 5
+    python bench/robustness.py --n 50 --beam_size 1 --conditions clean screenshot val_images
+    python bench/robustness.py --split val --json out.json
+
+Formulas are the first N of the real IM2LATEX-100K test (or, --split val, validation) formulas:
+never training formulas. It is a report, not a tuning target; validation formulas decide.
+
+Rows (--conditions picks a subset; all by default):
+  clean, screenshot, low_res, noise, inverted, blur   data/conditions.py, made from our render
+  style:NAME        the formula rendered in another style of data/styles.py (fonts, sizes,
+                    resolutions, anti-aliasing), as it is: a new style is a new row
+  val_images        the other pipeline's renders of validation formulas (val.matching.txt)
+Every image goes the way a user's file does in inference.py: image file bytes -> load_image ->
+normalize_user_image -> model_input. An image that normalization refuses scores as an empty
+prediction (the user gets nothing); a formula that fails to render is left out of that row.
+Scores come from data/metrics.py, as evaluate.py's do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from data.conditions import CONDITIONS  # noqa: E402
+from data.image import ImageError, load_image, model_input, normalize_user_image  # noqa: E402
+from data.layout import read_lines, read_matching  # noqa: E402
+from data.metrics import text_scores  # noqa: E402
+from data.normalize import detokenize  # noqa: E402
+from data.render import RenderError, RenderOptions, render_formulas  # noqa: E402
+from data.styles import DEFAULT_STYLE, STYLES  # noqa: E402
+from model.checkpoint import DEFAULT_MODEL, load_model  # noqa: E402
+from model.predict import predict  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data" / "im2latex100k"
+VAL_IMAGES = "val_images"
+STYLE_PREFIX = "style:"
+
+
+@dataclass
+class Row:
+    """One condition's inputs: model inputs (None where normalization refused the image) and
+    the reference formula of each."""
+
+    name: str
+    description: str
+    images: list[np.ndarray | None] = field(default_factory=list)
+    refs: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def style_names() -> list[str]:
+    """Render styles other than the default (which is the clean row)."""
+    return [s for s in STYLES if s != DEFAULT_STYLE]
+
+
+def style_description(name: str) -> str:
+    """What a style changes from the standard look, in a few words from its registry entry."""
+    style = STYLES[name]
+    parts = re.findall(r"\\usepackage(?:\[[^]]*\])?\{(\w+)\}", " ".join(style.packages))
+    parts = ["+".join(parts)] if parts else []
+    parts += [style.size] if style.size != STYLES[DEFAULT_STYLE].size else []
+    parts += [] if style.display else ["text style"]
+    parts += [f"{style.dpi} dpi"] if style.dpi else []
+    parts += [] if style.binary else ["anti-aliased"]
+    return "render style: " + ", ".join(parts)
+
+
+def known_conditions() -> list[str]:
+    return [*CONDITIONS, *(STYLE_PREFIX + s for s in style_names()), VAL_IMAGES]
+
+
+def get_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--n", type=int, default=200, help="formulas (and val_images) per row")
+    p.add_argument("--split", choices=["test", "val"], default="test",
+                   help="whose formulas are rendered")
+    p.add_argument("--formulas", type=Path,
+                   help="a normalized formula file instead of --split's (one formula a line)")
+    p.add_argument("--conditions", nargs="+", metavar="NAME", help="rows to run (default: all)")
+    p.add_argument("--model_path", default=str(DEFAULT_MODEL), help="checkpoint (.pt) or run dir")
+    p.add_argument("--beam_size", type=int, default=5, help="1: greedy decoding")
+    p.add_argument("--max_len", type=int, default=150)
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0, help="seeds every random condition")
+    p.add_argument("--val_images", type=Path, default=DATA / "val_images")
+    p.add_argument("--val_matching", type=Path, default=DATA / "val.matching.txt")
+    p.add_argument("--val_formulas", type=Path, default=DATA / "val.formulas.norm.txt")
+    p.add_argument("--json", metavar="OUT", help="also write the table as JSON here")
+    p.add_argument("--examples", type=Path, metavar="DIR",
+                   help="write the first 3 image files of each row here, to look at")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    if args.n < 1:
+        p.error("--n must be at least 1")
+    return args
+
+
+def check_conditions(requested: list[str] | None) -> list[str]:
+    """The conditions to run, in the table's order; an unknown name is an error."""
+    known = known_conditions()
+    if requested is None:
+        return known
+    unknown = [n for n in requested if n not in known]
+    if unknown:
+        raise ValueError(f"unknown condition {unknown[0]!r} (known: {', '.join(known)})")
+    return [n for n in known if n in requested]
+
+
+def read_formulas(args: argparse.Namespace) -> list[str]:
+    path = args.formulas or DATA / f"{args.split}.formulas.norm.txt"
+    if not path.is_file():
+        raise ValueError(f"formula file {path} not found")
+    formulas = [f.strip() for f in read_lines(path) if f.strip()][:args.n]
+    if not formulas:
+        raise ValueError(f"{path}: no formulas")
+    return formulas
+
+
+def user_input(data: bytes, name: str) -> np.ndarray | None:
+    """An image file as inference.py reads it; None where normalization refuses it."""
+    try:
+        return model_input(normalize_user_image(load_image(data, name)))
+    except ImageError:
+        return None
+
+
+def render(formulas: list[str], style: str, quiet: bool) -> list[np.ndarray | None]:
+    return render_formulas([detokenize(f) for f in formulas], RenderOptions(style=style),
+                           progress=not quiet)
+
+
+def rendered_rows(names: list[str], formulas: list[str], seed: int, quiet: bool,
+                  save: Path | None) -> list[Row]:
+    """The rows made from renders: each image condition of the default render, then each style
+    (its clean look). Each condition's randomness depends on the seed, its name and the
+    formula's position only, so a row is the same whatever else runs with it."""
+    rows: list[Row] = []
+    transforms = [n for n in names if n in CONDITIONS]
+    sources = [(DEFAULT_STYLE, transforms)] if transforms else []
+    sources += [(n[len(STYLE_PREFIX):], [n]) for n in names if n.startswith(STYLE_PREFIX)]
+    for style, row_names in sources:
+        clean = render(formulas, style, quiet)
+        failed = sum(img is None for img in clean)
+        for name in row_names:
+            cond = CONDITIONS.get(name, CONDITIONS["clean"])
+            row = Row(name, cond.description if name in CONDITIONS else style_description(style))
+            if failed:
+                row.notes.append(f"{failed} of {len(formulas)} formulas did not render")
+            tag = zlib.crc32(name.encode())
+            for i, (img, ref) in enumerate(zip(clean, formulas)):
+                if img is None:
+                    continue
+                data = cond.make(img, np.random.default_rng([seed, tag, i]))
+                save_example(save, name, i, data)
+                row.images.append(user_input(data, f"{name}/{i}"))
+                row.refs.append(ref)
+            rows.append(row)
+    return rows
+
+
+def val_images_row(args: argparse.Namespace) -> Row:
+    """The other pipeline's images of the first N validation formulas, read as user files."""
+    for f in (args.val_images, args.val_matching, args.val_formulas):
+        if not f.exists():
+            raise ValueError(f"{f} not found (needed by the {VAL_IMAGES} row)")
+    entries, problems = read_matching(args.val_matching, args.val_images,
+                                      read_lines(args.val_formulas))
+    row = Row(VAL_IMAGES, "the other pipeline's renders (validation formulas)",
+              notes=[f"{len(problems)} matching lines skipped"] if problems else [])
+    for i, e in enumerate(entries[:args.n]):
+        data = Path(e.image).read_bytes()
+        save_example(args.examples, VAL_IMAGES, i, data)
+        row.images.append(user_input(data, str(e.image)))
+        row.refs.append(e.formula)
+    return row
+
+
+def save_example(folder: Path | None, name: str, i: int, data: bytes) -> None:
+    if folder is None or i >= 3:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    suffix = ".jpg" if data[:2] == b"\xff\xd8" else ".png"
+    (folder / f"{name.replace(':', '_')}_{i}{suffix}").write_bytes(data)
+
+
+def decode(rows: list[Row], args: argparse.Namespace) -> list[list[str]]:
+    """Predictions of every row, decoded in one pass so that images of one size share batches
+    across rows; refused images predict the empty string."""
+    model, vocab = load_model(args.model_path, device=args.device)
+    flat = [img for row in rows for img in row.images if img is not None]
+    bar = tqdm(total=len(flat), desc="decoding", unit="img", disable=args.quiet)
+    preds = iter(predict(model, vocab, flat, beam_size=args.beam_size, max_len=args.max_len,
+                         batch_size=args.batch_size, device=args.device, on_batch=bar.update))
+    bar.close()
+    return [["" if img is None else next(preds).latex for img in row.images] for row in rows]
+
+
+def score(rows: list[Row], hyps: list[list[str]]) -> list[dict]:
+    table = []
+    for row, h in zip(rows, hyps):
+        s = text_scores(row.refs, h) if row.refs else {"bleu4": 0.0, "exact_match": 0.0,
+                                                       "edit_distance": 0.0}
+        table.append({"condition": row.name, "description": row.description,
+                      "images": len(row.refs), "refused": sum(i is None for i in row.images),
+                      "bleu4": round(s["bleu4"], 2), "exact_match": round(s["exact_match"], 2),
+                      "edit_distance": round(s["edit_distance"], 2), "notes": row.notes})
+    return table
+
+
+def format_table(table: list[dict]) -> str:
+    lines = [f"{'condition':<16} {'images':>6} {'refused':>7} {'BLEU-4':>7} {'exact %':>7}"
+             "  description"]
+    for r in table:
+        lines.append(f"{r['condition']:<16} {r['images']:>6} {r['refused']:>7} "
+                     f"{r['bleu4']:>7.2f} {r['exact_match']:>7.2f}  {r['description']}")
+        lines += [f"{'':<16} note: {n}" for n in r["notes"]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args(argv)
+    try:
+        names = check_conditions(args.conditions)
+        rendered = [n for n in names if n != VAL_IMAGES]
+        formulas = read_formulas(args) if rendered else []
+        rows = rendered_rows(rendered, formulas, args.seed, args.quiet, args.examples)
+        if VAL_IMAGES in names:
+            rows.append(val_images_row(args))
+    except (ValueError, RenderError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    order = {n: k for k, n in enumerate(names)}
+    rows.sort(key=lambda r: order[r.name])
+    table = score(rows, decode(rows, args) if rows else [])
+    print(f"model {args.model_path}, beam {args.beam_size}, first {args.n} "
+          f"{args.formulas or args.split} formulas, seed {args.seed}")
+    print(format_table(table))
+    if args.json:
+        doc = {"model_path": str(args.model_path), "beam_size": args.beam_size, "n": args.n,
+               "formulas": str(args.formulas or args.split), "seed": args.seed,
+               "rows": table}
+        Path(args.json).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
