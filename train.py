@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from data.augment import Augmenter, parse_level
 from data.dataset import BucketBatchSampler, FormulaDataset, collate
 from data.shards import ShardError
 from data.vocab import Vocab, VocabError
@@ -53,7 +54,7 @@ from model.sampling import teacher_forcing_ratio
 # Flags that define a run: --from_check_point takes them from the checkpoint unless they are
 # given on the command line with a non-default value.
 RUN_FLAGS = ("lr", "min_lr", "lr_decay", "lr_patience", "clip", "batch_size", "max_len",
-             "sample_method", "decay_k", "seed", "freeze_encoder")
+             "sample_method", "decay_k", "seed", "freeze_encoder", "augment")
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -87,6 +88,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--decay_k", type=float, default=1.0,
                    help="scheduled-sampling decay (exp: k<1; inv_sigmoid: k>=1)")
     p.add_argument("--seed", type=int, default=2020)
+    p.add_argument("--augment", type=augment_level, default=0.0, metavar="LEVEL",
+                   help="augment training images on the fly (data/augment.py): none, light, "
+                        "strong or a strength in [0, 1] (default none: older runs reproduce)")
     # run control
     p.add_argument("--from_check_point", action="store_true",
                    help="resume from the latest checkpoint in --save_dir")
@@ -107,6 +111,13 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
+
+
+def augment_level(text: str) -> float:
+    try:
+        return parse_level(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -399,7 +410,9 @@ def train(args: argparse.Namespace, d: Dist, given: set[str]) -> int:
         f"bf16 encoder {'on' if amp else 'off'}")
 
     # --- data: one size bucket per batch, order fixed by (seed, epoch)
-    train_ds = FormulaDataset(data_dir / "shards" / "train", vocab, max_len=args.max_len)
+    augment = Augmenter(args.augment, args.seed) if args.augment else None
+    train_ds = FormulaDataset(data_dir / "shards" / "train", vocab, max_len=args.max_len,
+                              augment=augment)
     val_ds = FormulaDataset(data_dir / "shards" / "validate", vocab, max_len=args.max_len)
     if len(train_ds) == 0:
         print(f"error: no training images in {data_dir}/shards/train", file=sys.stderr)
@@ -416,7 +429,7 @@ def train(args: argparse.Namespace, d: Dist, given: set[str]) -> int:
     log(f"data: {len(train_ds)} train / {len(val_ds)} validation images "
         f"({train_ds.skipped_long} train formulas over --max_len {args.max_len} left out); "
         f"effective batch {args.batch_size * d.world} ({args.batch_size} x {d.world}), "
-        f"lr {args.lr:g}")
+        f"lr {args.lr:g}" + (f", augmentation {args.augment:g}" if augment else ""))
 
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, factor=args.lr_decay, patience=args.lr_patience, min_lr=args.min_lr)
@@ -460,6 +473,7 @@ def train(args: argparse.Namespace, d: Dist, given: set[str]) -> int:
     stop = False
     while epoch < args.epoches and not stop:
         batches = sampler.batches(epoch)
+        train_ds.set_epoch(epoch)
         loader = DataLoader(train_ds, batch_sampler=batches[step_in_epoch:], collate_fn=collate,
                             num_workers=args.workers, pin_memory=cuda,
                             generator=torch.Generator())

@@ -9,7 +9,7 @@ uninterrupted run would have seen.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +24,17 @@ class FormulaDataset(Dataset):
     """(image, token ids) pairs of one split. Index `i` addresses the concatenated buckets.
 
     Formulas longer than `max_len` tokens are left out (and counted in `skipped_long`), since the
-    decoder is trained and evaluated with that cap; nothing else is dropped."""
+    decoder is trained and evaluated with that cap; nothing else is dropped.
 
-    def __init__(self, shard_dir: str | Path, vocab: Vocab, max_len: int | None = None):
+    `augment(image, epoch, index)`, if given, replaces each training image (not padding
+    entries) by one of the same shape; it is a function of `epoch` (see `set_epoch`) and the
+    index only, so that which worker loads an item never changes what it looks like."""
+
+    def __init__(self, shard_dir: str | Path, vocab: Vocab, max_len: int | None = None,
+                 augment: Callable[[np.ndarray, int, int], np.ndarray] | None = None):
         self.buckets: list[Bucket] = load_split(shard_dir)
         self.vocab = vocab
+        self.augment, self.epoch = augment, 0
         self.items: list[tuple[int, int]] = []  # (bucket, row)
         self.bucket_items: list[list[int]] = []  # global indices per bucket
         self.lengths: list[int] = []  # tokens per item, for grouping batches by length
@@ -48,13 +54,20 @@ class FormulaDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Before a loader for `epoch` is made: its workers take a copy of the dataset."""
+        self.epoch = epoch
+
     def __getitem__(self, i: int) -> tuple[np.ndarray, list[int] | None]:
         """Image and token ids; a padding entry `-1 - i` (see BucketBatchSampler) gives image
         `i` with no targets."""
         b, r = self.items[i if i >= 0 else -1 - i]
         bucket = self.buckets[b]
         ids = self.vocab.encode(bucket.formulas[r]) if i >= 0 else None
-        return np.asarray(bucket.images[r]), ids
+        img = np.asarray(bucket.images[r])
+        if self.augment is not None and ids is not None:
+            img = self.augment(img, self.epoch, i)
+        return img, ids
 
     def formula(self, i: int) -> str:
         b, r = self.items[i]

@@ -1,0 +1,197 @@
+"""Augmentation of training images on the fly: the looks people's images have and ours lack.
+
+A stored training image is a clean render at one glyph size. People bring screenshots at other
+sizes, scans, JPEGs, gray paper. Each transform here imitates one of those departures on the
+raw uint8 image (dark on white); the result then goes through ``normalize_user_image``, the
+normalization inference applies, so the model trains on what inference will hand it, and is
+finally fitted into the item's bucket so that it still stacks with its batch.
+
+Randomness comes from a generator seeded by (seed, epoch, index) alone: an image looks the
+same whichever loader worker draws it and whenever a resumed run reaches it, which keeps
+resume exact. Written with numpy and PIL, the libraries ``data/image.py`` already uses, so the
+augmented image is resampled and smoothed by the same code as the renders and user images.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Callable
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+from data.image import ImageError, crop_to_ink, normalize_user_image, pad
+
+# Named levels of --augment; a number in [0, 1] is accepted too.
+LEVELS = {"none": 0.0, "light": 0.5, "strong": 1.0}
+
+# At strength s an image is augmented with probability AUGMENTED_SHARE * s: a share of clean
+# renders keeps the benchmark look (what the clean test rows read) in every epoch.
+AUGMENTED_SHARE = 0.8
+
+# Stored renders carry faint LANCZOS ringing (251-254) in their margin: not ink.
+_INK = 250
+
+# A normalized image larger than its item's bucket is shrunk into it; beyond this shrink the
+# glyphs would be smaller than anything inference produces, and the clean image is used.
+MIN_FIT_SCALE = 0.75
+
+Transform = Callable[[np.ndarray, np.random.Generator, float], np.ndarray]
+
+
+def parse_level(text: str) -> float:
+    """``none|light|strong`` or a strength in [0, 1]; ValueError (argparse's message) else."""
+    if text in LEVELS:
+        return LEVELS[text]
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"expected none, light, strong or a number in [0, 1], not {text!r}")
+    return value
+
+
+def _pil(img: np.ndarray) -> Image.Image:
+    return Image.fromarray(img, mode="L") if img.dtype == np.uint8 else Image.fromarray(img)
+
+
+def scale(img: np.ndarray, rng: np.random.Generator, s: float) -> np.ndarray:
+    """Glyph size of another screen or zoom level: 0.7x-1.6x at full strength, log-uniform so
+    shrinking and enlarging are drawn alike."""
+    f = math.exp(rng.uniform(math.log(1 - 0.3 * s), math.log(1 + 0.6 * s)))
+    h, w = img.shape
+    size = (max(1, round(w * f)), max(1, round(h * f)))
+    return np.asarray(_pil(img).resize(size, Image.Resampling.LANCZOS))
+
+
+def stroke(img: np.ndarray, rng: np.random.Generator, s: float) -> np.ndarray:
+    """Bold or thin strokes (other font weights, ink spread in scans). A full 3x3 erosion or
+    dilation moves every edge by a whole pixel, which erases 1-px strokes or fills counters at
+    the training scale, so the filtered image is blended in: a sub-pixel weight change."""
+    bold = bool(rng.random() < 0.5)
+    filt = ImageFilter.MinFilter(3) if bold else ImageFilter.MaxFilter(3)
+    moved = np.asarray(_pil(img).filter(filt), dtype=np.float32)
+    alpha = rng.uniform(0.3, 0.3 + 0.6 * s)
+    return np.round(img + alpha * (moved - img)).astype(np.uint8)
+
+
+def rotate_shear(img: np.ndarray, rng: np.random.Generator, s: float) -> np.ndarray:
+    """A slightly skewed scan or photo: rotation up to 3 degrees and shear up to 0.1, about the
+    centre of a canvas grown so that nothing leaves it."""
+    angle = math.radians(rng.uniform(-3, 3) * s)
+    shear = rng.uniform(-0.1, 0.1) * s
+    h, w = img.shape
+    grow = math.ceil(abs(math.tan(angle)) * max(h, w) + abs(shear) * h) // 2 + 2
+    canvas = pad(img, grow)
+    c, si = math.cos(angle), math.sin(angle)
+    forward = np.array([[c, -si], [si, c]]) @ np.array([[1.0, shear], [0.0, 1.0]])
+    inv = np.linalg.inv(forward)  # PIL maps output pixels back to input pixels
+    centre = np.array([canvas.shape[1], canvas.shape[0]]) / 2
+    off = centre - inv @ centre
+    data = (inv[0, 0], inv[0, 1], off[0], inv[1, 0], inv[1, 1], off[1])
+    out = _pil(canvas).transform((canvas.shape[1], canvas.shape[0]), Image.Transform.AFFINE,
+                                 data, resample=Image.Resampling.BICUBIC, fillcolor=255)
+    return np.asarray(out)
+
+
+def margins(img: np.ndarray, rng: np.random.Generator, s: float) -> np.ndarray:
+    """Uneven paper around the formula, as a hand-drawn screenshot selection leaves it."""
+    h = max(8, min(img.shape))
+    top, bottom, left, right = rng.integers(0, max(2, round(1.5 * h * s)), size=4)
+    return np.pad(img, ((top, bottom), (left, right)), constant_values=255)
+
+
+def blur(img: np.ndarray, rng: np.random.Generator, s: float) -> np.ndarray:
+    """Soft edges of an out-of-focus scan or a resampled screenshot."""
+    radius = rng.uniform(0.3, 0.3 + 0.9 * s)
+    return np.asarray(_pil(img).filter(ImageFilter.GaussianBlur(radius)))
+
+
+def contrast(img: np.ndarray, rng: np.random.Generator, s: float) -> np.ndarray:
+    """Gray paper and gray ink: a scan, a tinted web page, a faint print."""
+    paper = rng.uniform(255 - 90 * s, 255)
+    ink = rng.uniform(0, 110 * s)
+    return np.round(ink + img.astype(np.float32) * ((paper - ink) / 255)).astype(np.uint8)
+
+
+def noise(img: np.ndarray, rng: np.random.Generator, s: float) -> np.ndarray:
+    """Sensor or scanner noise, gaussian per pixel."""
+    sigma = rng.uniform(2, 2 + 10 * s)
+    noisy = img + rng.normal(0.0, sigma, img.shape).astype(np.float32)
+    return np.clip(np.round(noisy), 0, 255).astype(np.uint8)
+
+
+def jpeg(img: np.ndarray, rng: np.random.Generator, s: float) -> np.ndarray:
+    """Block artefacts and ringing of an image saved or shared as JPEG."""
+    quality = int(rng.integers(round(95 - 70 * s), 96))
+    buf = io.BytesIO()
+    _pil(img).save(buf, format="JPEG", quality=quality)
+    buf.seek(0)
+    return np.asarray(Image.open(buf).convert("L"))
+
+
+# (name, probability when an image is augmented, transform), in the order a real image picks
+# them up: typeset at some size and weight, skewed, cut out, blurred, on its paper, noisy, saved.
+TRANSFORMS: tuple[tuple[str, float, Transform], ...] = (
+    ("scale", 0.8, scale),
+    ("stroke", 0.4, stroke),
+    ("rotate_shear", 0.4, rotate_shear),
+    ("margins", 0.5, margins),
+    ("blur", 0.4, blur),
+    ("contrast", 0.4, contrast),
+    ("noise", 0.3, noise),
+    ("jpeg", 0.4, jpeg),
+)
+
+
+def distort(img: np.ndarray, rng: np.random.Generator, s: float) -> np.ndarray:
+    """The transforms drawn for one image, applied to the formula cropped from its bucket."""
+    out = crop_to_ink(img, threshold=_INK)
+    for _, p, fn in TRANSFORMS:
+        if rng.random() < p:
+            out = fn(out, rng, s)
+    return out
+
+
+def fit_into(img: np.ndarray, shape: tuple[int, int]) -> np.ndarray | None:
+    """At the top-left of a white canvas of ``shape`` (where buckets put images), shrunk to fit
+    if needed; None if that takes more than MIN_FIT_SCALE. The batch is stacked in its bucket's
+    shape, so the item's bucket is the one the image must fit; a smaller image only gets more
+    paper on the right and bottom, as every image in a bucket larger than it needs has."""
+    h, w = img.shape
+    f = min(1.0, shape[0] / h, shape[1] / w)
+    if f < MIN_FIT_SCALE:
+        return None
+    if f < 1.0:
+        size = (max(1, min(shape[1], math.floor(w * f))), max(1, min(shape[0], math.floor(h * f))))
+        img = np.asarray(_pil(img).resize(size, Image.Resampling.LANCZOS))
+        h, w = img.shape
+    return np.pad(img, ((0, shape[0] - h), (0, shape[1] - w)), constant_values=255)
+
+
+class Augmenter:
+    """The per-item hook of FormulaDataset: a pure function of (image, epoch, index)."""
+
+    def __init__(self, strength: float, seed: int):
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"augmentation strength must be in (0, 1], not {strength}")
+        self.strength, self.seed = strength, seed
+        self.fallbacks = 0  # images left clean because normalization or fitting refused them
+
+    def rng(self, epoch: int, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed % 2**63, epoch, index])
+
+    def __call__(self, img: np.ndarray, epoch: int, index: int) -> np.ndarray:
+        rng = self.rng(epoch, index)
+        if rng.random() >= AUGMENTED_SHARE * self.strength:
+            return img
+        try:
+            out = fit_into(normalize_user_image(distort(img, rng, self.strength)), img.shape)
+        except ImageError:
+            out = None
+        if out is None:
+            self.fallbacks += 1
+            return img
+        return out
