@@ -19,6 +19,10 @@ culprit gets a run of its own, and a new run starts after it. A TeX error that l
 state clean does not derail. So an image never depends on its batch-mates; a formula that
 could change global state (``\\global``, counters, ``\\aftergroup``, ...) runs alone.
 
+Styles: ``RenderOptions(style=NAME)`` (``data.styles.STYLES``) swaps the preamble's font
+packages and size, text or display style, the rasterization dpi and binarized or anti-aliased
+output; one TeX document holds one style. The default, ``cm``, is the look described above.
+
 Errors: with ``strict=False`` (default) a formula whose only problems are TeX errors that
 TeX recovers from is rendered as the original dataset was (``pdflatex -interaction=
 nonstopmode``: e.g. ``\\hspace{2 c m}`` gives "pt inserted" and still renders); with
