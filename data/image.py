@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from data import glyph_scale
+
 # (width, height) after the x2 downsampling, smallest first; see docs/design.md.
 BUCKETS: tuple[tuple[int, int], ...] = (
     (120, 50), (160, 40), (200, 40), (200, 50), (240, 40), (240, 50), (280, 40), (280, 50),
@@ -31,17 +33,16 @@ MAX_PIXELS = 50_000_000
 
 # glyph_size of rendered formulas in output pixels (12pt at 200 dpi, halved): the median over
 # IM2LATEX-100K test formulas rendered at 600 dpi (close to a sharp screenshot), divided by 3.
-# A user image is rescaled by the ratio of this to its own glyph_size.
+# The scale used to be this over a user image's glyph_size; it now only converts MIN_GLYPH_SIZE
+# into the smallest scale (the legacy estimate in bench/scale_estimate.py uses it too).
 REFERENCE_GLYPH_SIZE = 9.0
 
-# glyph_size of the training images themselves: over 837 renders of real formulas (our
-# builder) the median is 10.1 px (the "every non-white pixel black" styling adds ~1 px to each
-# glyph box) and the letter mix spreads it from 7.3 (p5) to 12.3 (p95). An image inside this
-# range is taken to be at the training scale already and is not resampled: rescaling renders
-# by their estimate's error (0.76x-1.07x p10-p90) made the reference model read every glyph as
-# bold; with this range, 200 validation renders read through normalize_user_image score
-# BLEU 74.9 / exact 19.0% against 76.6 / 19.0% read as they are (greedy).
-TRAINING_GLYPH_RANGE = (7.0, 13.0)
+# An image whose estimated scale (data.glyph_scale, relative to the training renders) is
+# inside this range is taken to be at the training scale already and is not resampled: the
+# resample-and-threshold round trip moves edges by a pixel, which costs the model more than a
+# small scale error. Renders at scale 1 are estimated well inside it
+# (docs/results/scale_estimate.txt).
+TRAINING_SCALE_RANGE = (0.8, 1.2)
 
 # User images are analysed at most this large (a formula at training scale is ~800 px wide).
 _ANALYSIS_SIDE = 2400
@@ -345,12 +346,11 @@ def _formula_extent(all_boxes: np.ndarray, glyphs: np.ndarray, reach: float
 
 
 def glyph_size(boxes: np.ndarray) -> float:
-    """A scale-proportional size of the glyphs, in pixels, from component boxes.
+    """A scale-proportional size of the glyphs, in pixels, from component boxes: the
+    geometric mean of the 75th percentile of heights and the median of sqrt(height*width).
 
-    The geometric mean of two robust statistics (75th percentile of heights, median of
-    sqrt(height*width)). Across IM2LATEX test formulas it varies by ~15% (letter mix,
-    sub/superscripts), which bounds the scale error; with very few components (a lone
-    handwritten root) it is rougher still.
+    Used for distances (how far a trailing period may sit); the scale itself comes from
+    data.glyph_scale, because this statistic moves with the letter mix and sub/superscripts.
     """
     heights, widths = boxes[:, 2].astype(np.float64), boxes[:, 3].astype(np.float64)
     tall = float(np.percentile(heights, 75))
@@ -395,13 +395,27 @@ def _to_analysis_size(img: np.ndarray) -> np.ndarray:
         (max(1, round(w * f)), max(1, round(h * f))), Image.Resampling.LANCZOS))
 
 
-def _resample_scale(shape: tuple[int, int], size_px: float, pad_px: int, factor: int) -> float:
+def _resample_scale(shape: tuple[int, int], scale: float, pad_px: int, factor: int) -> float:
     """Factor that brings glyphs to the training scale, capped at MIN_GLYPH_SIZE's and at
     what keeps the finished image (padding included) inside the largest bucket."""
     h, w = shape
     largest_w, largest_h = BUCKETS[-1]
     fit = min((factor * largest_w - 2 * pad_px) / w, (factor * largest_h - 2 * pad_px) / h)
-    return min(factor * REFERENCE_GLYPH_SIZE / max(size_px, MIN_GLYPH_SIZE), fit)
+    return min(factor / max(scale, MIN_GLYPH_SIZE / REFERENCE_GLYPH_SIZE), fit)
+
+
+def analyse(img: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(analysis-size image, ink mask, all component boxes, glyph boxes): the bounded
+    component analysis that the scale estimate and the crop of normalize_user_image share."""
+    img = _to_analysis_size(img)
+    ink = img < otsu_threshold(img)
+    all_boxes = bounded_component_boxes(ink)
+    return img, ink, all_boxes, _glyph_boxes(all_boxes)
+
+
+def estimate_scale(glyphs: np.ndarray) -> float:
+    """How many times larger than the training renders the glyphs are (data.glyph_scale)."""
+    return glyph_scale.estimate_scale(glyphs)
 
 
 def normalize_user_image(
@@ -410,8 +424,8 @@ def normalize_user_image(
 ) -> np.ndarray:
     """A user's formula image rescaled and styled like the renderer's output.
 
-    The model only saw 12pt formulas at one size, so the glyph scale is estimated (glyph_size
-    against REFERENCE_GLYPH_SIZE). An image already at the training scale (TRAINING_GLYPH_RANGE)
+    The model only saw 12pt formulas at one size, so the glyph scale is estimated
+    (estimate_scale). An image already at the training scale (TRAINING_SCALE_RANGE)
     is only cropped, contrast-stretched and padded; any other is resampled to ``factor`` x the
     training resolution, where pixels with at least ``coverage`` ink become black, and finished
     exactly like a render (crop, pad, optional bucket, LANCZOS halving).
@@ -421,16 +435,14 @@ def normalize_user_image(
     the scale is capped and the result always fits the largest bucket and the encoder's
     minimum size. ImageError for anything that cannot be read within these bounds.
     """
-    img = _to_analysis_size(img)
-    ink = img < otsu_threshold(img)
-    all_boxes = bounded_component_boxes(ink)
-    boxes = _glyph_boxes(all_boxes)
+    img, ink, all_boxes, boxes = analyse(img)
     size_px = glyph_size(boxes)
+    scale = estimate_scale(boxes)
     top, left, bottom, right = _formula_extent(all_boxes, boxes, reach=1.5 * size_px)
     crop, ink = img[top:bottom, left:right], ink[top:bottom, left:right]
     paper = float(np.median(crop[~ink])) if (~ink).any() else 255.0
     dark = float(np.percentile(crop[ink], 5))
-    if TRAINING_GLYPH_RANGE[0] <= size_px <= TRAINING_GLYPH_RANGE[1]:
+    if TRAINING_SCALE_RANGE[0] <= scale <= TRAINING_SCALE_RANGE[1]:
         # Already at the training scale: only stretch paper to white and ink to black. The
         # resample-and-threshold round trip below moves edges by a pixel, and on renders that
         # cost the reference model 12 BLEU points.
@@ -443,9 +455,9 @@ def normalize_user_image(
         out = pad(crop_to_ink(np.round(flat).astype(np.uint8), threshold=250), pad_px // factor)
         if _fits_largest_bucket(out):  # else shrunk to fit below, like any other image
             return at_least_min_size(pad_to_bucket(out) if bucket else out)
-    scale = _resample_scale(crop.shape, size_px, pad_px, factor)
+    resample = _resample_scale(crop.shape, scale, pad_px, factor)
     h, w = crop.shape
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    size = (max(1, round(w * resample)), max(1, round(h * resample)))
     big = np.asarray(Image.fromarray(crop).resize(size, Image.Resampling.LANCZOS))
     binary = np.where(big < paper - coverage * (paper - dark), 0, 255).astype(np.uint8)
     if not (binary < 255).any():

@@ -246,3 +246,56 @@ def test_normalize_user_image_recovers_the_training_scale():
     assert 2 <= ink[:, 0].min() <= 6 and 2 <= ink[:, 1].min() <= 6
     bucketed = normalize_user_image(user, bucket=True)
     assert (bucketed.shape[1], bucketed.shape[0]) in BUCKETS
+
+
+# ------------------------------------------------------------- scale estimate (issue 12)
+
+# Letter mixes that one box statistic gets wrong: x-height letters, capitals and digits,
+# big operators with scripts (the legacy glyph_size estimate misses the 8% bound on them).
+SCALE_FORMULAS = [r"a x ^ { 2 } + b x + c = 0", r"\alpha \beta \gamma = 3 5 7 \, A B C",
+                  r"\sum _ { n = 1 } ^ { N } \frac { 1 } { n ^ { 2 } } < "
+                  r"\frac { \pi ^ { 2 } } { 6 }"]
+
+
+def test_estimate_scale_follows_a_rescaling_of_the_boxes():
+    from data.glyph_scale import build_template, estimate_scale
+
+    rng = np.random.default_rng(0)
+    boxes = np.zeros((40, 4), np.int64)
+    boxes[:, 2] = rng.choice([6, 9, 10, 14], 40)  # heights of x-height, cap and tall glyphs
+    boxes[:, 3] = rng.integers(4, 12, 40)
+    template = build_template([(boxes, 1.0)])
+    assert estimate_scale(boxes, template) == pytest.approx(1.0, abs=0.02)
+    doubled = boxes * np.array([1, 1, 2, 2])
+    assert estimate_scale(doubled, template) == pytest.approx(2.0, rel=0.03)
+    with pytest.raises(ValueError):
+        estimate_scale(boxes[:0], template)
+
+
+@pytest.mark.skipif(not HAVE_TEX, reason="needs pdflatex and gs")
+@pytest.mark.parametrize("factor", [1.0, 1.7, 3.0])
+def test_estimate_scale_within_8_percent_on_rescaled_renders(factor):
+    from data.image import analyse, estimate_scale
+    from data.render import render_formulas
+
+    for formula, render in zip(SCALE_FORMULAS, render_formulas(SCALE_FORMULAS)):
+        assert render is not None
+        h, w = render.shape
+        big = np.asarray(Image.fromarray(render).resize(
+            (round(w * factor), round(h * factor)), Image.Resampling.LANCZOS))
+        ratio = estimate_scale(analyse(big)[3]) / factor
+        assert abs(np.log(ratio)) < np.log(1.08), (formula, factor, ratio)
+
+
+@pytest.mark.skipif(not HAVE_TEX, reason="needs pdflatex and gs")
+def test_renders_at_training_scale_pass_through_unresampled():
+    from data.image import TRAINING_SCALE_RANGE, analyse, estimate_scale
+    from data.render import render_formulas
+
+    for render in render_formulas(SCALE_FORMULAS):
+        assert TRAINING_SCALE_RANGE[0] < estimate_scale(analyse(render)[3]) < \
+            TRAINING_SCALE_RANGE[1]
+        # passed through: the same ink, pixel for pixel, only cropped and re-padded
+        out = crop_to_ink(normalize_user_image(render), threshold=250)
+        ref = crop_to_ink(render, threshold=250)
+        assert out.shape == ref.shape and (out == ref).all()
