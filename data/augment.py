@@ -21,7 +21,7 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image, ImageFilter
 
-from data.image import ImageError, crop_to_ink, normalize_user_image, pad
+from data.image import ImageError, crop_to_ink, ink_bbox, normalize_user_image, pad
 
 # Named levels of --augment; a number in [0, 1] is accepted too.
 LEVELS = {"none": 0.0, "light": 0.5, "strong": 1.0}
@@ -36,6 +36,16 @@ _INK = 250
 # A normalized image larger than its item's bucket is shrunk into it; beyond this shrink the
 # glyphs would be smaller than anything inference produces, and the clean image is used.
 MIN_FIT_SCALE = 0.75
+
+# Bounds of a legible result against the clean image (docs/results/augment.txt): the
+# normalization overestimates the glyph size of bold, blurred strokes that merge, and shrinks
+# such a formula into a blot. Size is the ratio of the ink extents (geometric mean of width
+# and height), boldness the ratio of ink density (ink pixels per extent) divided by the size:
+# the same strokes on smaller glyphs close the counters sooner. Beyond these bounds the
+# samples looked at were unreadable, and a label nobody could read off the image only teaches
+# noise, so the clean image is used instead.
+MIN_SIZE_RATIO = 0.7
+MAX_BOLDNESS = 2.0
 
 Transform = Callable[[np.ndarray, np.random.Generator, float], np.ndarray]
 
@@ -171,6 +181,18 @@ def fit_into(img: np.ndarray, shape: tuple[int, int]) -> np.ndarray | None:
     return np.pad(img, ((0, shape[0] - h), (0, shape[1] - w)), constant_values=255)
 
 
+def legible(clean: np.ndarray, out: np.ndarray) -> bool:
+    """Whether ``out`` keeps the formula of ``clean`` readable: not shrunk below
+    MIN_SIZE_RATIO of its extent, strokes not thickened beyond MAX_BOLDNESS."""
+    a, b = ink_bbox(clean, threshold=_INK), ink_bbox(out, threshold=_INK)
+    if a is None or b is None:
+        return False
+    area = (b[1] - b[0]) * (b[3] - b[2]) / ((a[1] - a[0]) * (a[3] - a[2]))
+    size = math.sqrt(area)
+    ink = np.count_nonzero(out < 128) / max(1, np.count_nonzero(clean < 128))
+    return size >= MIN_SIZE_RATIO and ink / area / size <= MAX_BOLDNESS
+
+
 class Augmenter:
     """The per-item hook of FormulaDataset: a pure function of (image, epoch, index)."""
 
@@ -178,7 +200,7 @@ class Augmenter:
         if not 0.0 < strength <= 1.0:
             raise ValueError(f"augmentation strength must be in (0, 1], not {strength}")
         self.strength, self.seed = strength, seed
-        self.fallbacks = 0  # images left clean because normalization or fitting refused them
+        self.fallbacks = 0  # images left clean: refused by normalization, fitting or legible
 
     def rng(self, epoch: int, index: int) -> np.random.Generator:
         return np.random.default_rng([self.seed % 2**63, epoch, index])
@@ -191,7 +213,7 @@ class Augmenter:
             out = fit_into(normalize_user_image(distort(img, rng, self.strength)), img.shape)
         except ImageError:
             out = None
-        if out is None:
+        if out is None or not legible(img, out):
             self.fallbacks += 1
             return img
         return out

@@ -5,10 +5,11 @@ import csv
 import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageFilter
 
 import train
 from data import augment
-from data.augment import TRANSFORMS, Augmenter, distort, fit_into, parse_level
+from data.augment import TRANSFORMS, Augmenter, distort, fit_into, legible, parse_level
 from data.dataset import FormulaDataset
 from data.image import ImageError, ink_bbox
 from data.vocab import Vocab
@@ -52,8 +53,8 @@ def test_augmented_items_keep_their_bucket_shape_and_the_ink_stays_inside(train_
             # normalization leaves paper all around; the bucket's spare room is right/bottom
             assert top >= 1 and left >= 1 and dark_on_light(out), i
             assert (out[:, -1] >= 250).all() and (out[-1] >= 250).all(), i
-    # at strength 1 most images are augmented, and only a few are refused and left clean
-    assert changed >= 0.6 * len(train_ds) and aug.fallbacks <= 0.1 * len(train_ds)
+    # at strength 1 most images are augmented; a minority is refused and left clean
+    assert changed >= 0.5 * len(train_ds) and aug.fallbacks <= 0.25 * len(train_ds)
 
 
 def test_the_same_seed_epoch_and_index_give_the_same_image(train_ds):
@@ -88,6 +89,17 @@ def test_a_refused_normalization_falls_back_to_the_clean_image(train_ds, monkeyp
         img = train_ds[i][0]
         assert aug(img, 0, i) is img
     assert aug.fallbacks >= 5
+
+
+def test_a_shrunk_or_blotted_result_is_not_legible(train_ds):
+    img = train_ds[len(train_ds) // 2][0]
+    assert legible(img, img)
+    h, w = img.shape
+    half = np.asarray(Image.fromarray(img).resize((w // 2, h // 2), Image.Resampling.LANCZOS))
+    assert not legible(img, np.pad(half, ((0, h - h // 2), (0, w - w // 2)),
+                                   constant_values=255))
+    blot = np.asarray(Image.fromarray(img).filter(ImageFilter.MinFilter(5)))
+    assert not legible(img, blot)
 
 
 def test_fit_into_pastes_top_left_shrinks_a_little_and_refuses_a_lot():
