@@ -9,18 +9,20 @@ finally fitted into the item's bucket so that it still stacks with its batch.
 Randomness comes from a generator seeded by (seed, epoch, index) alone: an image looks the
 same whichever loader worker draws it and whenever a resumed run reaches it, which keeps
 resume exact. Written with numpy and PIL, the libraries ``data/image.py`` already uses, so the
-augmented image is resampled and smoothed by the same code as the renders and user images.
+augmented image is resampled and smoothed by the same code as the renders and user images;
+the degradations themselves are ``data.degrade``'s, which the robustness benchmark applies at
+fixed strengths.
 """
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, ImageFilter
 
+from data import degrade
 from data.image import ImageError, crop_to_ink, ink_bbox, normalize_user_image, pad
 
 # Named levels of --augment; a number in [0, 1] is accepted too.
@@ -70,10 +72,8 @@ def _pil(img: np.ndarray) -> Image.Image:
 def scale(img: np.ndarray, rng: np.random.Generator, s: float) -> np.ndarray:
     """Glyph size of another screen or zoom level: 0.7x-1.6x at full strength, log-uniform so
     shrinking and enlarging are drawn alike."""
-    f = math.exp(rng.uniform(math.log(1 - 0.3 * s), math.log(1 + 0.6 * s)))
-    h, w = img.shape
-    size = (max(1, round(w * f)), max(1, round(h * f)))
-    return np.asarray(_pil(img).resize(size, Image.Resampling.LANCZOS))
+    return degrade.rescale(img, math.exp(rng.uniform(math.log(1 - 0.3 * s),
+                                                      math.log(1 + 0.6 * s))))
 
 
 def stroke(img: np.ndarray, rng: np.random.Generator, s: float) -> np.ndarray:
@@ -109,37 +109,28 @@ def rotate_shear(img: np.ndarray, rng: np.random.Generator, s: float) -> np.ndar
 def margins(img: np.ndarray, rng: np.random.Generator, s: float) -> np.ndarray:
     """Uneven paper around the formula, as a hand-drawn screenshot selection leaves it."""
     h = max(8, min(img.shape))
-    top, bottom, left, right = rng.integers(0, max(2, round(1.5 * h * s)), size=4)
-    return np.pad(img, ((top, bottom), (left, right)), constant_values=255)
+    return degrade.uneven_margins(img, rng, 0, max(2, round(1.5 * h * s)) - 1)
 
 
 def blur(img: np.ndarray, rng: np.random.Generator, s: float) -> np.ndarray:
     """Soft edges of an out-of-focus scan or a resampled screenshot."""
-    radius = rng.uniform(0.3, 0.3 + 0.9 * s)
-    return np.asarray(_pil(img).filter(ImageFilter.GaussianBlur(radius)))
+    return degrade.blur(img, rng.uniform(0.3, 0.3 + 0.9 * s))
 
 
 def contrast(img: np.ndarray, rng: np.random.Generator, s: float) -> np.ndarray:
     """Gray paper and gray ink: a scan, a tinted web page, a faint print."""
     paper = rng.uniform(255 - 90 * s, 255)
-    ink = rng.uniform(0, 110 * s)
-    return np.round(ink + img.astype(np.float32) * ((paper - ink) / 255)).astype(np.uint8)
+    return degrade.recolor(img, ink=rng.uniform(0, 110 * s), paper=paper)
 
 
 def noise(img: np.ndarray, rng: np.random.Generator, s: float) -> np.ndarray:
     """Sensor or scanner noise, gaussian per pixel."""
-    sigma = rng.uniform(2, 2 + 10 * s)
-    noisy = img + rng.normal(0.0, sigma, img.shape).astype(np.float32)
-    return np.clip(np.round(noisy), 0, 255).astype(np.uint8)
+    return degrade.gaussian_noise(img, rng, sigma=rng.uniform(2, 2 + 10 * s))
 
 
 def jpeg(img: np.ndarray, rng: np.random.Generator, s: float) -> np.ndarray:
     """Block artefacts and ringing of an image saved or shared as JPEG."""
-    quality = int(rng.integers(round(95 - 70 * s), 96))
-    buf = io.BytesIO()
-    _pil(img).save(buf, format="JPEG", quality=quality)
-    buf.seek(0)
-    return np.asarray(Image.open(buf).convert("L"))
+    return degrade.jpeg(img, quality=int(rng.integers(round(95 - 70 * s), 96)))
 
 
 # (name, probability when an image is augmented, transform), in the order a real image picks
