@@ -50,11 +50,13 @@ from model.checkpoint import (
 )
 from model.im2latex import Im2Latex, ModelConfig, bf16_is_native, use_tf32_on_cuda
 from model.sampling import teacher_forcing_ratio
+from model.selection import LEGACY, METRICS, Best, Selection
 
 # Flags that define a run: --from_check_point takes them from the checkpoint unless they are
 # given on the command line with a non-default value.
 RUN_FLAGS = ("lr", "min_lr", "lr_decay", "lr_patience", "clip", "batch_size", "max_len",
-             "sample_method", "decay_k", "seed", "freeze_encoder", "augment")
+             "sample_method", "decay_k", "seed", "freeze_encoder", "augment", "select_by",
+             "early_stop")
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -91,6 +93,12 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", type=augment_level, default=0.0, metavar="LEVEL",
                    help="augment training images on the fly (data/augment.py): none, light, "
                         "strong or a strength in [0, 1] (default none: older runs reproduce)")
+    p.add_argument("--select_by", choices=list(METRICS), default="acc",
+                   help="validation figure that picks best.pt and drives the plateau schedule "
+                        "and --early_stop: token accuracy (default) or loss (model/selection.py "
+                        "says why)")
+    p.add_argument("--early_stop", type=epoch_count, default=0, metavar="N",
+                   help="stop after N epochs without improvement of --select_by (0: off)")
     # run control
     p.add_argument("--from_check_point", action="store_true",
                    help="resume from the latest checkpoint in --save_dir")
@@ -118,6 +126,16 @@ def augment_level(text: str) -> float:
         return parse_level(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def epoch_count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 (off) or a number of epochs, got {text!r}")
+    return n
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -250,8 +268,8 @@ def train_step(model: torch.nn.Module, batch: dict, tf: float, d: Dist, pad: int
 def validate(model: Im2Latex, loader: DataLoader, d: Dist, amp: bool,
              pad: int) -> dict[str, float]:
     """Teacher-forced loss and token accuracy over the validation split (sharded over ranks):
-    cheap enough for every epoch, and the loss is what the learning-rate schedule and the
-    best-checkpoint choice follow."""
+    cheap enough for every epoch; one of them (--select_by) picks best.pt and drives the
+    learning-rate schedule and --early_stop."""
     model.eval()
     loss_sum, tokens, correct = 0.0, 0, 0
     for batch in loader:
@@ -337,6 +355,20 @@ def finish_epoch_end(save_dir: Path, ckpt: dict) -> None:
         write_log(save_dir, end["row"])
 
 
+def resumed_best(resume: dict, sel: Selection, save_dir: Path, log) -> Best:
+    """The best so far of the figure the run now follows: stored in the checkpoint, or, for a
+    checkpoint saved before --select_by or by the other figure, taken from log.csv."""
+    stored = resume.get("best")
+    if isinstance(stored, dict) and stored.get("key") == sel.key:
+        return Best(sel.key, stored.get("value"), int(stored.get("epoch", 0)))
+    best = Best.from_rows(sel, read_log(save_dir)[1], resume["epoch"])
+    if sel.key == "val_loss" and math.isfinite(resume["best_val_loss"]):
+        best.value = resume["best_val_loss"]  # log.csv's figures are rounded
+    log(f"note: the checkpoint holds no best {sel.key}; from log.csv: "
+        f"{best.value} at epoch {best.epoch}")
+    return best
+
+
 def main(argv: list[str] | None = None) -> int:
     args = get_args(argv)
     if args.threads:
@@ -371,7 +403,9 @@ def train(args: argparse.Namespace, d: Dist, given: set[str]) -> int:
         resume = load_checkpoint(save_dir / LAST)
         if d.main:
             finish_epoch_end(save_dir, resume)
-        changed = restore_run_flags(args, resume.get("args", {}), given)
+        # runs saved before --select_by existed were selected by the loss
+        saved = {"select_by": LEGACY, **resume.get("args", {})}
+        changed = restore_run_flags(args, saved, given)
         model, vocab = model_from_checkpoint(resume, source=str(save_dir / LAST))
         data_vocab_path = data_dir / "vocab.json"
         data_vocab = Vocab.load(data_vocab_path) if data_vocab_path.is_file() else vocab
@@ -431,14 +465,23 @@ def train(args: argparse.Namespace, d: Dist, given: set[str]) -> int:
         f"effective batch {args.batch_size * d.world} ({args.batch_size} x {d.world}), "
         f"lr {args.lr:g}" + (f", augmentation {args.augment:g}" if augment else ""))
 
+    sel = Selection.from_choice(args.select_by, args.early_stop, len(val_ds) > 0)
+    log(f"selection: best.pt, the learning-rate plateau and early stopping follow {sel.key}"
+        + (f"; stop after {sel.patience} epochs without improvement" if sel.patience else
+           "; no early stop") + ("" if len(val_ds) else " (no validation images: the "
+                                 "training loss stands in)"))
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, factor=args.lr_decay, patience=args.lr_patience, min_lr=args.min_lr)
+        optimizer, mode=sel.mode, factor=args.lr_decay, patience=args.lr_patience,
+        min_lr=args.min_lr)
     torch.manual_seed(args.seed + d.rank)  # different dropout masks per rank
-    epoch, step_in_epoch, step, best = 0, 0, 0, math.inf
+    epoch, step_in_epoch, step, best_loss, best = 0, 0, 0, math.inf, Best(sel.key)
     carried = 0.0, 0  # the epoch's training-loss sum and steps before a resume
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
+        if resume["scheduler"].get("mode", "min") == sel.mode:
+            scheduler.load_state_dict(resume["scheduler"])
+        else:  # its plateau count and best were of the other figure; the rate is kept
+            log(f"note: the plateau schedule restarts, following {sel.key} now")
         if "lr" in changed:  # the optimizer state carries the old rate: the new one wins
             for group in optimizer.param_groups:
                 group["lr"] = args.lr
@@ -448,7 +491,8 @@ def train(args: argparse.Namespace, d: Dist, given: set[str]) -> int:
         else:
             log(f"note: checkpoint from {len(states)} process(es), now {d.world}: RNG reseeded")
         epoch, step_in_epoch = resume["epoch"], resume["step_in_epoch"]
-        step, best = resume["step"], resume["best_val_loss"]
+        step, best_loss = resume["step"], resume["best_val_loss"]
+        best = resumed_best(resume, sel, save_dir, log)
         if step_in_epoch:
             carried = resume.get("ep_loss", 0.0), resume.get("ep_n", 0)
         log(f"resumed from {save_dir / LAST}: epoch {epoch + 1}, step {step}")
@@ -460,7 +504,8 @@ def train(args: argparse.Namespace, d: Dist, given: set[str]) -> int:
         state = {"model": model.state_dict(), "model_config": model.cfg.to_dict(),
                  "vocab": vocab.to_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "rng": rng, "epoch": epoch,
-                 "step_in_epoch": step_in_epoch, "step": step, "best_val_loss": best,
+                 "step_in_epoch": step_in_epoch, "step": step, "best_val_loss": best_loss,
+                 "best": best.to_dict(),
                  "ep_loss": ep_loss, "ep_n": ep_n, "args": vars(args)}
         if epoch_end is not None:
             state["epoch_end"] = epoch_end
@@ -472,6 +517,9 @@ def train(args: argparse.Namespace, d: Dist, given: set[str]) -> int:
     chunks = 1  # micro-batches per step; doubled when a CUDA step runs out of memory
     stop = False
     while epoch < args.epoches and not stop:
+        if sel.spent(epoch, best.epoch):  # here too for a run resumed after its last epoch
+            log(sel.stop_message(epoch, best.epoch), flush=True)
+            break
         batches = sampler.batches(epoch)
         train_ds.set_epoch(epoch)
         loader = DataLoader(train_ds, batch_sampler=batches[step_in_epoch:], collate_fn=collate,
@@ -543,17 +591,19 @@ def train(args: argparse.Namespace, d: Dist, given: set[str]) -> int:
         metrics = validate(model, val_loader, d, amp, vocab.pad_id)
         if math.isnan(metrics["val_loss"]):  # no validation data: follow the training loss
             metrics["val_loss"] = ep_loss / max(ep_n, 1)
-        scheduler.step(metrics["val_loss"])
+        scheduler.step(metrics[sel.key])
         epoch, step_in_epoch = epoch + 1, 0
-        improved = metrics["val_loss"] < best
-        best = min(best, metrics["val_loss"])
+        improved = sel.improves(metrics[sel.key], best.value)
+        if improved:
+            best.value, best.epoch = metrics[sel.key], epoch
+        best_loss = min(best_loss, metrics["val_loss"])
         train_loss = ep_loss / max(ep_n, 1)
         row = {"epoch": epoch, "step": step, "train_loss": round(train_loss, 5),
                "train_ppl": round(math.exp(min(train_loss, 50)), 4),
                **{k: round(v, 5) for k, v in metrics.items()},
                "lr": optimizer.param_groups[0]["lr"],
                "minutes": round((time.time() - started) / 60, 2),
-               "data_wait": round(data_wait, 4)}
+               "data_wait": round(data_wait, 4), "best_epoch": best.epoch}
         # last.pt first, holding what the writes after it need: a kill between them is
         # repaired on resume (finish_epoch_end)
         checkpoint(save_dir / LAST, *([save_dir / BEST] if improved else []),
