@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data.image import ImageError, pad_to_bucket, read_gray_png
 from data.layout import FORMULAS_FILE, read_lines, read_matching, read_split
 from data.metrics import image_scores, text_scores
 from data.vocab import VocabError
+from inference import read_images
 from model.checkpoint import DEFAULT_MODEL, CheckpointError, load_model
 from model.predict import predict
 
@@ -34,7 +34,10 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model_path", default=str(DEFAULT_MODEL), help="checkpoint (.pt) or run dir")
     p.add_argument("--data_path", help="dataset folder in the IM2LATEX-100K layout")
     p.add_argument("--split", default="test", choices=["train", "validate", "test"])
-    p.add_argument("--images", help="a plain folder of images (instead of --data_path)")
+    p.add_argument("--images", help="a folder of images (instead of --data_path), normalized "
+                                    "as inference.py does")
+    p.add_argument("--no_normalize", action="store_true",
+                   help="with --images: feed them as they are (already in the dataset look)")
     p.add_argument("--matching", help="with --images: lines 'IMAGE FORMULA_INDEX'")
     p.add_argument("--formulas", help="with --images: the formula file the indices point into")
     p.add_argument("--beam_size", type=int, default=5, help="1: greedy decoding")
@@ -69,6 +72,35 @@ def labelled_entries(args: argparse.Namespace):
     return read_split(args.data_path, args.split)
 
 
+def image_pipeline(args: argparse.Namespace) -> tuple[bool, str]:
+    """Whether to normalize the images, and a line saying so.
+
+    A built dataset (--data_path) is already in the training look (preprocess.py renders it,
+    jerry_preprocess.py normalizes user images while building), so only --images folders are
+    normalized; scoring them as they are made the same model read light-on-dark scans at a
+    fraction of its inference.py accuracy."""
+    if args.images and not args.no_normalize:
+        return True, ("normalized as inference.py does (inverted if light on dark, cropped, "
+                      "rescaled to the training font size); --no_normalize feeds them as they are")
+    why = "--no_normalize" if args.images else "a built dataset is in the training look already"
+    return False, f"fed as they are ({why})"
+
+
+def read_entries(entries: list, normalize_them: bool, problems: list[str]
+                 ) -> tuple[list[np.ndarray], list[str]]:
+    """(model inputs, references) through inference.py's own reader, one image path for both."""
+    images, refs = [], []
+    for e in entries:
+        failures: list[tuple[str, str]] = []
+        got = read_images([e.image], normalize_them, failures)[1]
+        if got:
+            images += got
+            refs.append(e.formula)
+        else:
+            problems += [f"{e.source}: {msg}" for _, msg in failures]
+    return images, refs
+
+
 def main(argv: list[str] | None = None) -> int:
     args = get_args(argv)
     if args.threads:
@@ -76,13 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     entries, problems = labelled_entries(args)
     if args.limit:
         entries = entries[:args.limit]
-    images, refs = [], []
-    for e in entries:
-        try:
-            images.append(pad_to_bucket(read_gray_png(e.image)))
-            refs.append(e.formula)
-        except ImageError as err:
-            problems.append(f"{e.source}: {err}")
+    normalize_them, pipeline = image_pipeline(args)
+    print(f"images: {pipeline}", file=sys.stderr)
+    images, refs = read_entries(entries, normalize_them, problems)
     for msg in problems[:20]:
         print(f"warning: {msg}", file=sys.stderr)
     if problems:
@@ -121,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Image exact match: {scores['image_exact_match']:.2f}")
         print(f"Image edit distance: {scores['image_edit_distance']:.2f}")
     if args.metrics_path:
-        scores.update(images=len(refs), beam_size=args.beam_size,
+        scores.update(images=len(refs), beam_size=args.beam_size, normalized=normalize_them,
                       model_path=str(args.model_path), mean_score=float(np.mean(
                           [p.score for p in preds])))
         Path(args.metrics_path).write_text(json.dumps(scores, indent=2) + "\n")

@@ -9,6 +9,8 @@ from PIL import Image
 
 from data.custom import CustomDataError, clean_formula, label_images, load_id2formula, load_name2id
 from data.render import render_formulas
+from evaluate import get_args as get_eval_args
+from evaluate import image_pipeline
 from model.checkpoint import load_checkpoint
 from tests.conftest import SHARED, run_script
 
@@ -112,7 +114,14 @@ def test_single_label_appends(sheets, tmp_path):
     data = tmp_path / "single"
     build(sheets, data)
     before = (data / "im2latex_train_filter.lst").read_text().count("\n")
-    p = run_script("jerry_preprocess.py", "--single_label", sheets / "images" / "roots",
+    more = tmp_path / "more"  # new scans: the sheets' own images are in the dataset already
+    more.mkdir()
+    rng = np.random.default_rng(1)
+    for f in sorted((sheets / "images" / "roots").iterdir()):
+        img = np.asarray(Image.open(f).convert("L")).astype(np.float32)
+        Image.fromarray(np.clip(img + rng.normal(0, 4, img.shape), 0, 255).astype(np.uint8)
+                        ).save(more / f.name)
+    p = run_script("jerry_preprocess.py", "--single_label", more,
                    "--label", "- \\frac { 1 } { 3 }", "--data_path", data, "--quiet")
     assert "written: 9" in p.stdout
     lines = (data / "im2latex_train_filter.lst").read_text().split("\n")[:-1]
@@ -203,3 +212,32 @@ def test_the_shared_example_is_understood():
     assert "手写填空-根式-1" in by_folder
     assert by_folder["手写填空-根式-1"].key == "(2,0)"
     assert all(lab.formula for lab in report.labelled)
+
+
+def test_evaluate_reads_user_images_as_inference_does(tiny_model, tmp_path):
+    """One image path: a folder of light-on-dark, enlarged formulas scores through evaluate.py
+    exactly as inference.py reads it (same predictions, same confidences)."""
+    formulas = ["x + 1", "\\frac { a } { b }", "y ^ { 2 }", "\\sqrt { 3 }"]
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for i, img in enumerate(render_formulas(formulas, progress=False)):
+        pil = Image.fromarray(255 - img)  # light ink on dark
+        pil.resize((pil.width * 3, pil.height * 3), Image.BILINEAR).save(folder / f"{i}.png")
+    (tmp_path / "f.txt").write_text("".join(f + "\n" for f in formulas))
+    (tmp_path / "m.txt").write_text("".join(f"{i}.png {i}\n" for i in range(len(formulas))))
+    decode = ["--model_path", tiny_model, "--beam_size", "1", "--max_len", "30"]
+    p = run_script("evaluate.py", "--images", folder, "--matching", tmp_path / "m.txt",
+                   "--formulas", tmp_path / "f.txt", *decode, "--quiet", "--ref_path",
+                   tmp_path / "r", "--result_path", tmp_path / "h", "--metrics_path",
+                   tmp_path / "m.json")
+    assert "normalized as inference.py does" in p.stderr
+    run_script("inference.py", folder, *decode, "--json", tmp_path / "inf.json")
+    results = json.loads((tmp_path / "inf.json").read_text())["results"]
+    assert [r["name"].rsplit("/", 1)[1] for r in results] == [f"{i}.png" for i in range(4)]
+    assert (tmp_path / "h").read_text().split("\n")[:-1] == [r["predict"] for r in results]
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["normalized"] is True
+    assert metrics["mean_score"] == pytest.approx(np.mean([r["score"] for r in results]),
+                                                  abs=1e-3)
+    as_is = get_eval_args(["--images", str(folder), "--no_normalize"])
+    assert image_pipeline(as_is)[0] is False and "--no_normalize" in image_pipeline(as_is)[1]
