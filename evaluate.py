@@ -4,7 +4,10 @@
     python evaluate.py --split test --data_path DIR --model_path M
     python evaluate.py --images ../shared/data/im2latex100k/val_images \\
         --matching ../shared/data/im2latex100k/val.matching.txt \\
-        --formulas ../shared/data/im2latex100k/val.formulas.norm.txt
+        --formulas ../shared/data/im2latex100k/val.formulas.norm.txt --no_normalize
+
+--images folders are read as inference.py reads them (normalized to the training look);
+--no_normalize feeds images already in the dataset look as they are.
 
 The reference and result files are aligned line by line, one line per image, in the order of
 the split file: line i of --result_path is the prediction for line i of --ref_path.
