@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from data.image import ImageError, read_user_image
 from data.layout import FORMULAS_FILE, read_lines, read_matching, read_split
 from data.metrics import image_scores, text_scores
 from data.vocab import VocabError
-from inference import read_images
 from model.checkpoint import DEFAULT_MODEL, CheckpointError, load_model
 from model.predict import predict
 
@@ -91,16 +91,16 @@ def image_pipeline(args: argparse.Namespace) -> tuple[bool, str]:
 
 def read_entries(entries: list, normalize_them: bool, problems: list[str]
                  ) -> tuple[list[np.ndarray], list[str]]:
-    """(model inputs, references) through inference.py's own reader, one image path for both."""
+    """(model inputs, references) through the reader inference.py uses, one image path for
+    both; an image that cannot be read is reported and left out."""
     images, refs = [], []
     for e in entries:
-        failures: list[tuple[str, str]] = []
-        got = read_images([e.image], normalize_them, failures)[1]
-        if got:
-            images += got
-            refs.append(e.formula)
-        else:
-            problems += [f"{e.source}: {msg}" for _, msg in failures]
+        try:
+            images.append(read_user_image(e.image, normalize=normalize_them))
+        except (ImageError, OSError) as err:
+            problems.append(f"{e.source}: {err}")
+            continue
+        refs.append(e.formula)
     return images, refs
 
 

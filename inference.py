@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.image import ImageError, load_image, model_input, normalize_user_image
+from data.image import ImageError, read_user_image
 from data.normalize import NormalizeError, normalize
 from data.vocab import Vocab, VocabError
 from model import Im2Latex
@@ -109,8 +109,7 @@ def read_images(files: list[Path], normalize_them: bool, failures: list[tuple[st
     names, images = [], []
     for f in files:
         try:
-            img = load_image(f)
-            images.append(model_input(normalize_user_image(img) if normalize_them else img))
+            images.append(read_user_image(f, normalize=normalize_them))
             names.append(str(f))
         except (ImageError, OSError) as e:
             failures.append((str(f), str(e) if str(f) in str(e) else f"{f}: {e}"))

@@ -56,7 +56,7 @@ from data.custom import (
     load_id2formula,
     load_name2id,
 )
-from data.image import ImageError, load_image, model_input, normalize_user_image
+from data.image import ImageError, read_user_image
 from data.labels import read_labels
 from data.layout import FORMULAS_FILE, IMAGES_DIR, SPLITS, read_lines, split_file, write_layout
 from data.normalize import NormalizeError
@@ -143,7 +143,7 @@ def save_image(item: Labelled, name: str, out_dir: Path) -> None:
 
     The bounds of normalize_user_image (noise, dot patterns, huge scales) raise ImageError,
     so a hostile file is reported and skipped like an unreadable one, never aborting a build."""
-    img = model_input(normalize_user_image(load_image(item.image)))
+    img = read_user_image(item.image)
     tmp = out_dir / f".{name}.tmp"
     Image.fromarray(np.ascontiguousarray(img)).save(tmp, format="PNG")
     tmp.replace(out_dir / name)

@@ -46,7 +46,7 @@ from pydantic import BaseModel, Field
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from data.image import ImageError, load_image, normalize_user_image, pad_to_bucket
+from data.image import ImageError, load_image, model_input, normalize_user_image
 from data.normalize import detokenize
 from data.render import RenderError, RenderOptions, render_formulas
 from data.vocab import Vocab, VocabError
@@ -294,7 +294,7 @@ class Decoder:
         except ImageError:
             raise UploadError(415, NOT_AN_IMAGE) from None
         try:
-            img = pad_to_bucket(normalize_user_image(img))
+            img = model_input(normalize_user_image(img))
         except ImageError as e:  # blank page, nothing that looks like ink
             raise UploadError(422, str(e)) from None
         pred = predict(self.model, self.vocab, [img], beam_size=beam_size,

@@ -34,9 +34,7 @@ from data.image import (  # noqa: E402
     MIN_HEIGHT,
     MIN_WIDTH,
     ImageError,
-    load_image,
-    model_input,
-    normalize_user_image,
+    read_user_image,
 )
 
 Rng = np.random.Generator
@@ -142,7 +140,7 @@ KINDS: list[Callable[[Rng], bytes]] = [noise, gray_noise, dot_grid, lines, aspec
 def check(data: bytes) -> str:
     """'valid' or 'refused'; raises AssertionError for an invalid model input."""
     try:
-        img = model_input(normalize_user_image(load_image(data, name="fuzz")))
+        img = read_user_image(data, name="fuzz")
     except ImageError:
         return "refused"
     largest_w, largest_h = BUCKETS[-1]

@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from data.conditions import CONDITIONS  # noqa: E402
-from data.image import ImageError, load_image, model_input, normalize_user_image  # noqa: E402
+from data.image import ImageError, read_user_image  # noqa: E402
 from data.layout import read_lines, read_matching  # noqa: E402
 from data.metrics import text_scores  # noqa: E402
 from data.normalize import detokenize  # noqa: E402
@@ -135,7 +135,7 @@ def read_formulas(args: argparse.Namespace) -> list[str]:
 def user_input(data: bytes, name: str) -> np.ndarray | None:
     """An image file as inference.py reads it; None where normalization refuses it."""
     try:
-        return model_input(normalize_user_image(load_image(data, name)))
+        return read_user_image(data, name)
     except ImageError:
         return None
 

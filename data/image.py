@@ -371,6 +371,16 @@ def _fits_largest_bucket(img: np.ndarray) -> bool:
     return bucket_size(img.shape[1], img.shape[0]) is not None
 
 
+def read_user_image(src: str | Path | bytes, name: str | None = None, normalize: bool = True
+                    ) -> np.ndarray:
+    """A user's image file (path or bytes) as the model takes it: the one path that inference,
+    evaluation, the dataset builders and the benchmarks share, so that a score measured by one
+    holds for the others. ``normalize=False`` feeds an image already in the training look as it
+    is. Raises ImageError, naming the file, for anything that cannot be read within bounds."""
+    img = load_image(src, name)
+    return model_input(normalize_user_image(img) if normalize else img)
+
+
 def model_input(img: np.ndarray) -> np.ndarray:
     """A normalized image as the model takes it: in its bucket, at least the encoder's minimum.
 
