@@ -213,10 +213,16 @@ def test_non_finite_weights_are_refused_even_without_a_checksum(tiny_model, tmp_
     one_line_error(e, "nan.pt", "non-finite", key)
 
 
-def test_the_shipped_model_has_no_checksum_and_still_loads():
-    assert DIGEST not in torch.load(DEFAULT_MODEL, weights_only=True)
-    model, vocab = load_model(DEFAULT_MODEL)
+def test_a_checkpoint_from_before_checksums_still_loads(tmp_path):
+    """Checkpoints written before the digest existed (the first shipped model among them) load
+    as they are; the shipped model itself now carries one, which load_checkpoint verifies."""
+    shipped = torch.load(DEFAULT_MODEL, weights_only=True)
+    assert DIGEST in shipped
+    old = {k: v for k, v in shipped.items() if k != DIGEST}
+    torch.save(old, tmp_path / "old.pt")  # as the earlier save_checkpoint wrote it
+    model, vocab = load_model(tmp_path / "old.pt")
     assert len(vocab) == model.cfg.vocab_size
+    load_model(DEFAULT_MODEL)
 
 
 def test_a_non_finite_loss_stops_training_before_the_step(tiny_dataset, tmp_path, monkeypatch,
