@@ -364,8 +364,9 @@ def resumed_best(resume: dict, sel: Selection, save_dir: Path, log) -> Best:
     best = Best.from_rows(sel, read_log(save_dir)[1], resume["epoch"])
     if sel.key == "val_loss" and math.isfinite(resume["best_val_loss"]):
         best.value = resume["best_val_loss"]  # log.csv's figures are rounded
-    log(f"note: the checkpoint holds no best {sel.key}; from log.csv: "
-        f"{best.value} at epoch {best.epoch}")
+    found = (f"from log.csv: {best.value} at epoch {best.epoch}" if best.value is not None
+             else "no epoch has ended yet")
+    log(f"note: the checkpoint holds no best {sel.key}; {found}")
     return best
 
 
