@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -119,19 +120,33 @@ class ConnectionGate:
 
 
 HEAD, BODY = "head", "body"
+BUSY = json.dumps({"detail": "busy: too many requests in progress; try again in a moment"}
+                  ).encode()
+
+
+async def refuse_busy(scope: Any, receive: Any, send: Any) -> None:
+    """The 503 of a request over the gate's caps, in the app's own form (JSON `detail` and
+    Retry-After, as the decode queue answers), so that clients handle one kind of busy."""
+    await send({"type": "http.response.start", "status": 503, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(BUSY)).encode()),
+        (b"retry-after", b"2"), (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": BUSY, "more_body": False})
 
 
 class GuardedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with the deadlines and caps of a ConnectionGate.
 
     Hooks: connection_made/connection_lost, data_received (to count body bytes) and
-    handle_events (after every parse; before it, uvicorn's own `limit_concurrency` check is
-    turned into this gate's decision: 0 answers 503, None admits)."""
+    handle_events (after every parse: a request the gate does not admit is answered by
+    `refuse_busy` instead of the app; uvicorn's own `limit_concurrency` is off, the gate
+    counting for it)."""
 
     gate: ClassVar[ConnectionGate]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.limit_concurrency = None
+        self._app = self.app
         self.address = ""
         self._phase: str | None = None
         self._since = 0.0
@@ -155,7 +170,7 @@ class GuardedH11Protocol(H11Protocol):
         super().data_received(data)
 
     def handle_events(self) -> None:
-        self.limit_concurrency = None if self.gate.admits(self) else 0
+        self.app = self._app if self.gate.admits(self) else refuse_busy
         super().handle_events()
         self._watch()
 

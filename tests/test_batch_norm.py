@@ -47,6 +47,7 @@ def _rank(rank: int, port: int, split: int, out: str) -> None:
         batch = {k: v[part] for k, v in _batch().items()}
         grads = _step(DDP(model), batch, d)
         torch.save({"grads": grads, "state": model.state_dict()}, f"{out}.{rank}")
+        d.finish()  # as train.py ends: a group torn down while a peer is still in it aborts
     finally:
         d.close()
 
