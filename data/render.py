@@ -71,6 +71,7 @@ import numpy as np
 from PIL import Image
 
 from data.image import ImageError, finish_render, ink_bbox
+from data.processes import process_alive
 from data.sandbox import sandboxed
 from data.styles import DEFAULT_STYLE, Style, get_style
 
@@ -695,16 +696,6 @@ def _batches(formulas: Sequence[str], opts: RenderOptions):
     return rejected, batches
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
 def remove_stale_workdirs() -> list[Path]:
     """Remove the work folders of renders whose process no longer exists (killed builds);
     those of live processes, and folders of other users, stay. Returns what was removed."""
@@ -716,7 +707,7 @@ def remove_stale_workdirs() -> list[Path]:
             mine = path.is_dir() and not path.is_symlink() and path.stat().st_uid == os.getuid()
         except OSError:
             continue
-        if m and mine and not _alive(int(m.group(1))):
+        if m and mine and not process_alive(int(m.group(1))):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed

@@ -23,6 +23,7 @@ from typing import IO, Any
 
 import torch
 
+from data.processes import process_alive
 from data.vocab import Vocab, VocabError
 from model.im2latex import Im2Latex, ModelConfig
 
@@ -66,22 +67,10 @@ def remove_stale_temps(folder: str | Path) -> list[Path]:
     removed = []
     for tmp in Path(folder).glob(".*.*.tmp"):
         pid = tmp.name[:-len(".tmp")].rpartition(".")[2]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and (int(pid) == os.getpid() or not process_alive(int(pid))):
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0 or pid == os.getpid():  # kill(0, ...) would mean our whole process group
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
