@@ -8,19 +8,15 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from data.vocab import Vocab
+from im2latex.prediction import Prediction
 from model.im2latex import Im2Latex
 
-
-@dataclass
-class Prediction:
-    latex: str
-    score: float  # mean token log-probability of the chosen sequence (</s> included)
+__all__ = ["Prediction", "predict"]
 
 
 @torch.inference_mode()

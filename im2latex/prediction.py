@@ -1,0 +1,15 @@
+"""What a reading returns, in a module that imports neither torch nor onnxruntime.
+
+Both decoding backends (PyTorch in `model/predict.py`, ONNX Runtime in `im2latex/`) return this
+type, so callers never learn which one ran and the torch-free path can share it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Prediction:
+    latex: str
+    score: float  # mean token log-probability of the chosen sequence (</s> included)
