@@ -1,0 +1,98 @@
+"""demo.py: the shipped model reads a seeded sample of test formulas, on a fresh clone."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import demo
+from data.layout import read_lines
+from data.normalize import detokenize
+from tests.conftest import HAVE_TEX, ROOT, SHARED
+
+TEST_FORMULAS = SHARED / "im2latex100k" / "test.formulas.norm.txt"
+needs_tex = pytest.mark.skipif(not HAVE_TEX, reason="needs pdflatex and gs")
+
+
+def clone_without_shared(dest: Path) -> Path:
+    """The code and the shipped model copied where no ../shared lies beside them, as a user's
+    clone is: whatever the demo reads must come with the repository."""
+    repo = dest / "repo"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for folder in ("data", "model", "im2latex", "checkpoints", "web"):
+        shutil.copytree(ROOT / folder, repo / folder, ignore=ignore)
+    for script in ROOT.glob("*.py"):
+        shutil.copy(script, repo / script.name)
+    assert not (repo.parent / "shared").exists()
+    return repo
+
+
+def run_demo(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "demo.py", "--threads", "1", *args], cwd=repo,
+                          capture_output=True, text=True, timeout=300)
+
+
+def table_rows(out: str) -> list[tuple[str, str, str]]:
+    """(image, exact, LaTeX) of every table row; the truth rows have an empty verdict."""
+    rows = []
+    for line in out.splitlines():
+        m = re.match(r"^\s*(?:\d+\s+)?(truth|clean|screenshot)\s+(?:[\d.]+\s+(yes|no)\s+)?(.*)$",
+                     line)
+        if m:
+            rows.append((m.group(1), m.group(2) or "", m.group(3)))
+    return rows
+
+
+@needs_tex
+def test_demo_reads_the_drawn_formulas_counts_exact_ones_and_repeats_under_a_seed(tmp_path):
+    repo = clone_without_shared(tmp_path)
+    first = run_demo(repo, "--seed", "3", "--count", "3", "--beam_size", "1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    rows = table_rows(first.stdout)
+    truths = demo.draw(demo.read_formula_file(demo.FORMULAS), 3, seed=3)
+    assert [r[2] for r in rows if r[0] == "truth"] == [detokenize(t) for t in truths]
+    assert [r[0] for r in rows] == ["truth", "clean", "screenshot"] * 3
+    counts = re.search(r"^read exactly right: (\d+)/3 clean, (\d+)/3 screenshot$", first.stdout,
+                       re.M)
+    assert counts, first.stdout
+    for view, count in zip(("clean", "screenshot"), counts.groups()):
+        verdicts = [r[1] for r in rows if r[0] == view]
+        assert set(verdicts) <= {"yes", "no"} and verdicts.count("yes") == int(count)
+        for (_, exact, latex), truth in zip([r for r in rows if r[0] == view], truths):
+            assert (exact == "yes") == (latex == detokenize(truth))
+    assert re.search(r"python serve\.py .*http://127\.0\.0\.1:\d+", first.stdout)
+
+    again = run_demo(repo, "--seed", "3", "--count", "3", "--beam_size", "1")
+    timing = re.compile(r"^\(rendered and read in .*$", re.M)
+    assert timing.sub("", again.stdout) == timing.sub("", first.stdout)
+
+
+def test_a_seed_draws_the_same_formulas_and_another_seed_others():
+    formulas = demo.read_formula_file(demo.FORMULAS)
+    assert demo.draw(formulas, 12, seed=5) == demo.draw(formulas, 12, seed=5)
+    assert demo.draw(formulas, 12, seed=5) != demo.draw(formulas, 12, seed=6)
+    assert len(set(demo.draw(formulas, 12, seed=5))) == 12
+    assert demo.draw(formulas, 1000, seed=5) == demo.draw(formulas, len(formulas), seed=5)
+
+
+@pytest.mark.skipif(not TEST_FORMULAS.is_file(), reason="needs IM2LATEX-100K test formulas")
+def test_the_committed_formulas_are_the_seeded_draw_from_the_test_split():
+    test = [f for f in read_lines(TEST_FORMULAS) if f.strip()]
+    assert demo.read_formula_file(demo.FORMULAS) == demo.draw(test, 200, seed=14)
+
+
+def test_bad_input_is_a_clear_error(tmp_path, capsys):
+    assert demo.main(["--formulas", str(tmp_path / "none.txt"), "--seed", "1"]) == 1
+    assert "none.txt not found" in capsys.readouterr().err
+    header_only = tmp_path / "empty.txt"
+    header_only.write_text("# a header and nothing else\n\n")
+    assert demo.main(["--formulas", str(header_only), "--seed", "1"]) == 1
+    assert "no formulas" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        demo.main(["--count", "0"])
+    assert stop.value.code == 2 and "at least 1" in capsys.readouterr().err
