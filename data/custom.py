@@ -12,11 +12,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data.image import IMAGE_SUFFIXES
 from data.normalize import NormalizeError, normalize, restore_backslashes
 
 KEY = re.compile(r"^\(\s*(-?\d+)\s*,\s*(-?\d+)\s*\)$")
 ITEM = re.compile(r"^(\d+)(?:_|$)")
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
 class CustomDataError(ValueError):

@@ -28,6 +28,9 @@ BUCKETS: tuple[tuple[int, int], ...] = (
     (500, 100), (500, 200), (600, 100), (800, 100), (800, 800),
 )
 
+# The file suffixes (lower case) taken for images where a folder is searched for them.
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+
 # Refuse images above this many pixels before decoding them (decompression bombs).
 MAX_PIXELS = 50_000_000
 

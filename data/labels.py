@@ -15,7 +15,8 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from data.custom import IMAGE_SUFFIXES, CustomDataError, Labelled, LabelReport, clean_formula
+from data.custom import CustomDataError, Labelled, LabelReport, clean_formula
+from data.image import IMAGE_SUFFIXES
 from data.layout import read_lines
 from data.normalize import NormalizeError
 
