@@ -47,7 +47,6 @@ from PIL import Image
 
 from data.build import assign_splits
 from data.custom import (
-    IMAGE_SUFFIXES,
     CustomDataError,
     Labelled,
     LabelReport,
@@ -56,7 +55,8 @@ from data.custom import (
     load_id2formula,
     load_name2id,
 )
-from data.image import ImageError, read_user_image
+from data.files import atomic_open, atomic_write
+from data.image import IMAGE_SUFFIXES, ImageError, read_user_image
 from data.labels import read_labels
 from data.layout import FORMULAS_FILE, IMAGES_DIR, SPLITS, read_lines, split_file, write_layout
 from data.normalize import NormalizeError
@@ -144,9 +144,8 @@ def save_image(item: Labelled, name: str, out_dir: Path) -> None:
     The bounds of normalize_user_image (noise, dot patterns, huge scales) raise ImageError,
     so a hostile file is reported and skipped like an unreadable one, never aborting a build."""
     img = read_user_image(item.image)
-    tmp = out_dir / f".{name}.tmp"
-    Image.fromarray(np.ascontiguousarray(img)).save(tmp, format="PNG")
-    tmp.replace(out_dir / name)
+    with atomic_open(out_dir / name) as f:
+        Image.fromarray(np.ascontiguousarray(img)).save(f, format="PNG")
 
 
 def write_images(items: list[Labelled], data_dir: Path, problems: list[str],
@@ -200,9 +199,7 @@ def add_rows(data_dir: Path, built: list[Built], split_of: list[str]) -> None:
         rows[split].append((b.name, index[b.formula]))
         manifest.append(f"{b.name}\t{split}\t{b.source.resolve()}")
     write_layout(data_dir, formulas, rows)
-    tmp = data_dir / (MANIFEST + ".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in [MANIFEST_HEADER, *manifest]), encoding="utf-8")
-    tmp.replace(data_dir / MANIFEST)
+    atomic_write(data_dir / MANIFEST, "".join(ln + "\n" for ln in [MANIFEST_HEADER, *manifest]))
 
 
 def check_target(cfg: BuildConfig) -> None:

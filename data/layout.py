@@ -11,6 +11,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from data.files import atomic_write
+
 IMAGES_DIR = "formula_images_processed"
 FORMULAS_FILE = "im2latex_formulas.norm.lst"
 SPLITS = ("train", "validate", "test")
@@ -94,13 +96,7 @@ def write_layout(data_dir: str | Path, formulas: Sequence[str],
     """Write the formula list and the split files; images are written by the renderer."""
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(data_dir / FORMULAS_FILE, "".join(f + "\n" for f in formulas))
+    atomic_write(data_dir / FORMULAS_FILE, "".join(f + "\n" for f in formulas))
     for split in SPLITS:
         rows = splits.get(split, ())
-        _write_atomic(data_dir / split_file(split), "".join(f"{n} {i}\n" for n, i in rows))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+        atomic_write(data_dir / split_file(split), "".join(f"{n} {i}\n" for n, i in rows))

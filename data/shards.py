@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from data.files import atomic_open, atomic_write, remove_stale_temps
 from data.image import ImageError, pad_to_bucket, read_gray_png
 from data.layout import FORMULAS_FILE, SPLITS, Entry, read_lines, read_split, split_file
 
@@ -43,9 +44,11 @@ def write_split(entries: Sequence[Entry], out_dir: str | Path, split: str,
 
     One pass decodes each image once and appends its bytes to a raw file for its size (the
     count per size is not known until the end, and an `.npy` header needs it); each raw file is
-    then wrapped into an `.npy` through memory maps. Peak memory is one image, not the split."""
+    then copied into an `.npy` from a memory map. Peak memory is one image, not the split.
+    The half-written arrays of a killed run are removed first (data.files temporary names)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out_dir)
     report = ShardReport()
     by_size: dict[tuple[int, int], list[Entry]] = defaultdict(list)
     buckets = []
@@ -70,21 +73,15 @@ def write_split(entries: Sequence[Entry], out_dir: str | Path, split: str,
             fname = f"{h}x{w}.npy"
             raw = np.memmap(Path(raw_dir) / f"{h}x{w}.raw", dtype=np.uint8, mode="r",
                             shape=(len(group), h, w))
-            tmp = out_dir / (fname + ".tmp")
-            arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
-                                            shape=(len(group), h, w))
-            arr[:] = raw
-            arr.flush()
-            del arr, raw
-            tmp.replace(out_dir / fname)
+            with atomic_open(out_dir / fname) as f:
+                np.save(f, raw)  # streamed from the memory map, never all in memory
+            del raw
             buckets.append({"file": fname, "height": h, "width": w,
                             "names": [e.image.name for e in group],
                             "formulas": [e.formula for e in group]})
             report.written += len(group)
     index = {"version": FORMAT_VERSION, "split": split, "buckets": buckets}
-    tmp = out_dir / (INDEX + ".tmp")
-    tmp.write_text(json.dumps(index, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(out_dir / INDEX)
+    atomic_write(out_dir / INDEX, json.dumps(index, ensure_ascii=False) + "\n")
     return report
 
 

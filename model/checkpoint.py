@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import os
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import fields
@@ -23,7 +22,8 @@ from typing import IO, Any
 
 import torch
 
-from data.processes import process_alive
+from data.files import atomic_open
+from data.files import remove_stale_temps as remove_stale_temps  # train.py's import
 from data.vocab import Vocab, VocabError
 from model.im2latex import Im2Latex, ModelConfig
 
@@ -38,39 +38,17 @@ class CheckpointError(ValueError):
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write a file through a temporary one renamed over it: a reader sees the old or the new
-    content, never a part. The temporary name holds the writer's PID, so that a later run can
-    tell the leftovers of a killed writer (remove_stale_temps) from a live one's."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """`write(f)` into a file that replaces `path` atomically (data.files.atomic_open); a full
+    disk is a CheckpointError that says the previous version is intact and what to do."""
     try:
-        with open(tmp, "wb") as f:
+        with atomic_open(path) as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         raise CheckpointError(f"{path}: disk full while writing it ({e.strerror}); the previous "
-                              f"version is intact. Free space in {path.parent} and run again "
-                              "(training: --from_check_point)") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def remove_stale_temps(folder: str | Path) -> list[Path]:
-    """Remove the temporary files (`.NAME.PID.tmp`) that writers killed mid-write left in
-    `folder`; those of a live process are kept. Our own PID counts as dead: this is called
-    before the run writes anything, so such a file is from an earlier process that had it."""
-    removed = []
-    for tmp in Path(folder).glob(".*.*.tmp"):
-        pid = tmp.name[:-len(".tmp")].rpartition(".")[2]
-        if pid.isdigit() and (int(pid) == os.getpid() or not process_alive(int(pid))):
-            tmp.unlink(missing_ok=True)
-            removed.append(tmp)
-    return removed
+                              f"version is intact. Free space in {Path(path).parent} and run "
+                              "again (training: --from_check_point)") from None
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
