@@ -1,0 +1,152 @@
+"""The ONNX export and the torch-free runtime: the same tokens as the PyTorch path, greedy and
+beam, on a tiny random model and on the shipped one; a process where `import torch` fails reads
+formulas; the shipped ONNX folder is the shipped .pt's export; exports are all-or-nothing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data.vocab import SPECIALS, Vocab
+from im2latex.onnx_backend import META, OnnxBackend, OnnxModelError, read_meta
+from model import Im2Latex, ModelConfig
+from model.checkpoint import DEFAULT_MODEL, content_digest, load_checkpoint, save_checkpoint
+from model.predict import predict
+from tests.conftest import HAVE_TEX, ROOT, run_script
+from tests.test_shipped_model import FORMULAS
+
+SHIPPED_ONNX = ROOT / "checkpoints" / "im2latex_onnx"
+REEXPORT = "python export_model.py checkpoints/im2latex.pt --onnx checkpoints/im2latex_onnx"
+
+
+def _images(shapes: list[tuple[int, int]], seed: int = 0) -> list[np.ndarray]:
+    """uint8 H x W paper with dark strokes, one per shape (repeated shapes share a batch)."""
+    rng = np.random.default_rng(seed)
+    return [np.where(rng.random(s) < 0.15, 0, 255).astype(np.uint8) for s in shapes]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[Path, Path]:
+    """(checkpoint, ONNX folder) of a tiny random model, exported through the CLI."""
+    d = tmp_path_factory.mktemp("onnx_tiny")
+    torch.manual_seed(0)
+    vocab = Vocab(list(SPECIALS) + [f"t{i}" for i in range(12)])
+    cfg = ModelConfig(vocab_size=len(vocab), emb_dim=16, dec_rnn_h=24, enc_out_dim=32,
+                      cnn_widths=(8, 16, 16, 16), add_position_features=True)
+    model = Im2Latex(cfg)
+    with torch.no_grad():  # sharper than the initial near-uniform attention and outputs
+        model.decoder.attention.beta.mul_(100)
+        model.decoder.W_out.weight.mul_(5)
+    save_checkpoint({"model": model.state_dict(), "model_config": cfg.to_dict(),
+                     "vocab": vocab.to_dict()}, d / "tiny.pt")
+    out = run_script("export_model.py", d / "tiny.pt", "--onnx", d / "onnx")
+    assert "exported ONNX graphs" in out.stdout
+    return d / "tiny.pt", d / "onnx"
+
+
+def _both(ckpt: Path, onnx_dir: Path, images: list[np.ndarray], **kw):
+    from model.checkpoint import load_model
+
+    model, vocab = load_model(ckpt)
+    want = predict(model, vocab, images, **kw)
+    got = OnnxBackend(onnx_dir, threads=1).predict(images, **kw)
+    return want, got
+
+
+@pytest.mark.parametrize("beam_size", [1, 4])
+def test_tiny_model_same_tokens_and_scores_as_pytorch(tiny, beam_size):
+    images = _images([(40, 160), (18, 6), (40, 160), (50, 120), (40, 160)])
+    want, got = _both(*tiny, images, beam_size=beam_size, max_len=12, batch_size=2)
+    assert [p.latex for p in got] == [p.latex for p in want]
+    assert len({p.latex for p in want}) > 1  # the images are told apart: a real comparison
+    np.testing.assert_allclose([p.score for p in got], [p.score for p in want], atol=1e-4)
+
+
+def test_torch_free_process_reads_images(tiny, tmp_path):
+    """`import torch` fails in the child; it still loads the folder and decodes."""
+    ckpt, onnx_dir = tiny
+    images = _images([(40, 160), (50, 120), (40, 160)], seed=1)
+    np.savez(tmp_path / "imgs.npz", *images)
+    child = (
+        "import sys, json; sys.modules['torch'] = None\n"
+        "import numpy as np\n"
+        "from im2latex.onnx_backend import OnnxBackend\n"
+        f"imgs = list(np.load({str(tmp_path / 'imgs.npz')!r}).values())\n"
+        f"be = OnnxBackend({str(onnx_dir)!r})\n"
+        "print(json.dumps([[p.latex for p in be.predict(imgs, beam_size=b, max_len=12, "
+        "batch_size=4)] for b in (1, 3)]))\n"
+        "assert not any(m == 'torch' or m.startswith('torch.') for m in sys.modules "
+        "if sys.modules[m] is not None)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", child], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    want = [[p.latex for p in _both(ckpt, onnx_dir, images, beam_size=b, max_len=12,
+                                    batch_size=4)[0]] for b in (1, 3)]
+    assert json.loads(out.stdout) == want
+
+
+def test_export_is_all_or_nothing(tiny, tmp_path, monkeypatch):
+    from im2latex import onnx_export
+
+    ckpt, _ = tiny
+    dst = tmp_path / "onnx"
+    onnx_export.export_onnx(ckpt, dst)
+    before = {f.name: f.read_bytes() for f in dst.iterdir()}
+
+    def broken(*args, **kw):
+        raise RuntimeError("killed mid-export")
+
+    monkeypatch.setattr(onnx_export, "check_export", broken)
+    with pytest.raises(RuntimeError, match="killed"):
+        onnx_export.export_onnx(ckpt, dst)
+    assert {f.name: f.read_bytes() for f in dst.iterdir()} == before  # the old export, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx"]  # no temporary folder left
+    other = tmp_path / "notes"
+    other.mkdir()
+    with pytest.raises(OnnxModelError, match="not an ONNX model folder"):
+        onnx_export.export_onnx(ckpt, other)
+
+
+def test_bad_folders_and_inputs_give_clear_errors(tiny, tmp_path):
+    with pytest.raises(OnnxModelError, match="no such folder"):
+        OnnxBackend(tmp_path / "missing")
+    with pytest.raises(OnnxModelError, match="not an ONNX model folder"):
+        OnnxBackend(tmp_path)
+    backend = OnnxBackend(tiny[1], threads=1)
+    with pytest.raises(ValueError, match="uint8 H x W"):
+        backend.predict([np.zeros((40, 160), np.float32)], beam_size=1, max_len=5, batch_size=1)
+    with pytest.raises(RuntimeError, match="cannot encode 4x4 images"):
+        backend.predict(_images([(4, 4)]), beam_size=1, max_len=5, batch_size=1)
+
+
+def test_shipped_onnx_is_the_export_of_the_shipped_checkpoint():
+    meta = read_meta(SHIPPED_ONNX)
+    ckpt = load_checkpoint(DEFAULT_MODEL)
+    assert meta["source_sha256"] == content_digest(ckpt), (
+        f"checkpoints/im2latex_onnx/ was exported from another model than checkpoints/"
+        f"im2latex.pt; re-export it: {REEXPORT}")
+    assert meta["model_config"] == ckpt["model_config"]
+    assert (SHIPPED_ONNX / META).is_file()
+
+
+@pytest.mark.skipif(not HAVE_TEX, reason="needs pdflatex and gs")
+def test_shipped_onnx_same_tokens_as_pytorch_on_rendered_formulas():
+    from data.image import read_user_image
+    from data.normalize import detokenize
+    from data.render import render_formulas
+
+    rendered = render_formulas([detokenize(f) for f in FORMULAS])
+    assert all(img is not None for img in rendered)
+    images = [read_user_image(img) for img in rendered]  # as inference.py reads a PNG
+    for beam_size in (1, 5):
+        want, got = _both(DEFAULT_MODEL, SHIPPED_ONNX, images, beam_size=beam_size,
+                          max_len=150, batch_size=4)
+        assert [p.latex for p in got] == [p.latex for p in want]
+        assert sum(p.latex == f for p, f in zip(got, FORMULAS)) >= 6  # it reads them, too
