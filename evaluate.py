@@ -28,8 +28,8 @@ from data.image import ImageError, read_user_image
 from data.layout import FORMULAS_FILE, read_lines, read_matching, read_split
 from data.metrics import image_scores, text_scores
 from data.vocab import VocabError
-from model.checkpoint import DEFAULT_MODEL, CheckpointError, load_model
-from model.predict import predict
+from im2latex.api import Reader
+from model.checkpoint import DEFAULT_MODEL, CheckpointError
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -122,14 +122,14 @@ def main(argv: list[str] | None = None) -> int:
         print("error: no images to evaluate", file=sys.stderr)
         return 1
 
-    model, vocab = load_model(args.model_path, device=args.device)
-    unknown = sum(bool(vocab.unknown(r)) for r in refs)
+    reader = Reader(args.model_path, beam_size=args.beam_size, device=args.device,
+                    batch_size=args.batch_size, max_len=args.max_len, normalize=normalize_them)
+    unknown = sum(bool(reader.vocab.unknown(r)) for r in refs)
     if unknown:
         print(f"note: {unknown} of {len(refs)} references hold tokens outside the model's "
               "vocabulary; those cannot be matched exactly", file=sys.stderr)
     bar = tqdm(total=len(images), desc="decoding", unit="img", disable=args.quiet)
-    preds = predict(model, vocab, images, beam_size=args.beam_size, max_len=args.max_len,
-                    batch_size=args.batch_size, device=args.device, on_batch=bar.update)
+    preds = reader.decode(images, on_batch=bar.update)
     bar.close()
     hyps = [p.latex for p in preds]
 

@@ -2,6 +2,7 @@
 
     python inference.py formula.png                    # the shipped model
     python inference.py --model_path runs/x/best.pt scans/ list.txt --json out.json
+    python inference.py --backend onnx formula.png     # ONNX Runtime, without torch
 
 PATHs are images (PNG, JPEG, BMP, GIF, TIFF, WebP), folders of images, or list files (.txt/.lst,
 one image path per line, relative to the list). Every image is normalized the way the training
@@ -11,6 +12,7 @@ data/image.py's bounds (noise, dot patterns) or decoded is reported on stderr an
 "errors" with the reason, and skipped; the others are still decoded (the exit status is then 2).
 
 Output: one image gives its LaTeX alone; several give `NAME<TAB>LATEX` lines, in input order.
+Decoding goes through im2latex.Reader (the Python API), so both give the same readings.
 """
 
 from __future__ import annotations
@@ -21,14 +23,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from data.image import ImageError, read_user_image
 from data.normalize import NormalizeError, normalize
-from data.vocab import Vocab, VocabError
-from model import Im2Latex
-from model.checkpoint import DEFAULT_MODEL, CheckpointError, load_model
-from model.predict import Prediction, predict
+from im2latex.api import BACKENDS, DEFAULT_ONNX_DIR, Reader
+from im2latex.decoding import MAX_LEN
+from im2latex.prediction import Prediction
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 LIST_SUFFIXES = {".txt", ".lst"}
@@ -37,9 +37,14 @@ LIST_SUFFIXES = {".txt", ".lst"}
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("paths", nargs="+", metavar="PATH", help="images, folders or list files")
-    p.add_argument("--model_path", default=str(DEFAULT_MODEL), help="checkpoint (.pt) or run dir")
+    p.add_argument("--model_path", help="checkpoint (.pt) or run dir (default: the shipped "
+                                        "checkpoints/im2latex.pt)")
+    p.add_argument("--backend", choices=BACKENDS, default="torch",
+                   help="onnx: ONNX Runtime on the CPU, without torch (export_model.py --onnx)")
+    p.add_argument("--onnx_path", default=str(DEFAULT_ONNX_DIR),
+                   help="with --backend onnx: the exported model's folder")
     p.add_argument("--beam_size", type=int, default=5, help="1: greedy decoding")
-    p.add_argument("--max_len", type=int, default=150)
+    p.add_argument("--max_len", type=int, default=MAX_LEN)
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--json", metavar="OUT", help='write {"results": [...]} to this file')
     p.add_argument("--answer", metavar="LATEX",
@@ -51,7 +56,7 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also draw the first 8 images with their attention maps")
     p.add_argument("--no_normalize", action="store_true",
                    help="feed images as they are (already in the training format)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available; onnx: cpu)")
     return p.parse_args(argv)
 
 
@@ -116,26 +121,25 @@ def read_images(files: list[Path], normalize_them: bool, failures: list[tuple[st
     return names, images
 
 
-def decode_all(model: Im2Latex, vocab: Vocab, names: list[str], images: list[np.ndarray],
-               args: argparse.Namespace, failures: list[tuple[str, str]]
-               ) -> list[tuple[str, Prediction]]:
-    """Predictions in batches; when a batch fails, its images one at a time, so that only the
-    image that cannot be decoded is lost (reported in `failures`), never the batch."""
-    def run(imgs: list[np.ndarray]) -> list[Prediction]:
-        return predict(model, vocab, imgs, beam_size=args.beam_size, max_len=args.max_len,
-                       batch_size=args.batch_size, device=args.device)
-    try:
-        return list(zip(names, run(images)))
-    except (RuntimeError, ValueError):
-        pass
-    done = []
-    for name, img in zip(names, images):
-        try:
-            done.append((name, run([img])[0]))
-        except (RuntimeError, ValueError) as e:  # out of memory included
-            first = str(e).splitlines()[0][:200] if str(e) else e.__class__.__name__
-            failures.append((name, f"{name}: cannot decode ({first})"))
-    return done
+def decode_all(reader: Reader, names: list[str], images: list[np.ndarray],
+               failures: list[tuple[str, str]]) -> list[tuple[str, Prediction]]:
+    """Predictions in batches; an image that cannot be decoded even alone (the Reader retries
+    a failed batch one image at a time) is reported in `failures`, never the batch."""
+    def lost(i: int, e: Exception) -> None:  # out of memory included
+        first = str(e).splitlines()[0][:200] if str(e) else e.__class__.__name__
+        failures.append((names[i], f"{names[i]}: cannot decode ({first})"))
+
+    preds = reader.decode(images, on_error=lost)
+    return [(name, p) for name, p in zip(names, preds) if p is not None]
+
+
+def load_reader(args: argparse.Namespace) -> Reader:
+    """The Reader the flags ask for; ValueError (bad checkpoint or folder, bad device) or
+    OSError/ImportError (missing file, onnxruntime not installed) when it cannot be built."""
+    onnx = args.backend == "onnx"
+    return Reader(args.onnx_path if onnx else args.model_path, backend=args.backend,
+                  beam_size=args.beam_size, device=args.device, batch_size=args.batch_size,
+                  max_len=args.max_len, normalize=not args.no_normalize)
 
 
 def write_json(path: str, results: list[dict], failures: list[tuple[str, str]]) -> None:
@@ -145,6 +149,9 @@ def write_json(path: str, results: list[dict], failures: list[tuple[str, str]]) 
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args(argv)
+    if args.attention_figure and args.backend != "torch":
+        print("error: --attention_figure needs --backend torch", file=sys.stderr)
+        return 1
     files, problems = expand(args.paths)
     failures = [(msg.split(": ", 1)[0], msg) for msg in problems]
     try:
@@ -164,16 +171,21 @@ def main(argv: list[str] | None = None) -> int:
 
     for _, msg in failures:
         print(f"error: {msg}", file=sys.stderr)
-    model, vocab = load_model(args.model_path, device=args.device)
+    try:
+        reader = load_reader(args)
+    except (ValueError, OSError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     unreadable = len(failures)
-    decoded = decode_all(model, vocab, names, images, args, failures)
+    decoded = decode_all(reader, names, images, failures)
     for _, msg in failures[unreadable:]:
         print(f"error: {msg}", file=sys.stderr)
     if args.attention_figure:
         from model.attention_plot import attention_figure
 
-        attention_figure(model, vocab, images[:8], args.attention_figure, names[:8],
-                         max_len=args.max_len, device=args.device)
+        backend = reader.backend
+        attention_figure(backend.model, backend.vocab, images[:8], args.attention_figure,
+                         names[:8], max_len=args.max_len, device=backend.device)
     results = []
     for name, pred in decoded:
         r = {"name": name, "predict": pred.latex, "score": round(pred.score, 4)}
@@ -191,8 +203,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (VocabError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    sys.exit(main())

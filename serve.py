@@ -6,8 +6,9 @@
 The page (web/) takes an image (choose a file, drag and drop, or paste from the clipboard)
 and shows the LaTeX with a copy button, the prediction typeset again by the project's
 sandboxed renderer (so a wrong reading is visible at a glance), the confidence and the time.
-It loads nothing from the network. API: POST /api/predict, GET /api/health; the schema is at
-/docs and /openapi.json.
+It loads nothing from the network. API: POST /api/predict (the image in the multipart field
+`image`, or `file` as pix2tex's API names it), GET /api/health; the schema is at /docs and
+/openapi.json. Decoding goes through im2latex.Reader, the Python API inference.py uses too.
 
 An upload endpoint is an easy way to exhaust a server, so everything is bounded: the request
 body (refused while it is read, never buffered whole; files spool to the temporary directory),
@@ -39,6 +40,7 @@ from typing import Annotated, Any, Literal
 import torch
 import uvicorn
 from fastapi import FastAPI, File, Form, HTTPException, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
@@ -50,9 +52,10 @@ from data.image import ImageError, load_image, model_input, normalize_user_image
 from data.normalize import detokenize
 from data.render import RenderError, RenderOptions, render_formulas
 from data.vocab import Vocab, VocabError
+from im2latex.api import Reader, TorchBackend
+from im2latex.decoding import MAX_LEN
 from model.checkpoint import DEFAULT_MODEL, CheckpointError, load_model
 from model.im2latex import Im2Latex
-from model.predict import predict
 from serve_limits import ConnectionLimits, add_limit_flags, guarded_protocol, limits_from_args
 
 ROOT = Path(__file__).resolve().parent
@@ -80,7 +83,7 @@ class ServeConfig:
     """Defaults and limits of one server; the command-line flags map onto these."""
 
     beam_size: int = 5
-    max_len: int = 150
+    max_len: int = MAX_LEN
     max_upload_mb: float = 10.0
     max_megapixels: float = 16.0
     queue: int = 16  # jobs waiting beyond those running
@@ -142,7 +145,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text} for code, text in [
         (413, "Upload larger than the size limit"),
         (415, "Not an image, or an image format that cannot be read"),
-        (422, "Invalid beam_size, missing file, blank image or too many pixels"),
+        (422, "Invalid beam_size, no image (or both image and file), blank image or too "
+              "many pixels"),
         (503, "Too many requests queued: retry later (see Retry-After)"),
     ]}
 
@@ -281,11 +285,12 @@ def render_png(latex: str, opts: RenderOptions = RENDER_OPTIONS) -> str | None:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-class Decoder:
-    """Image bytes to a prediction and its rendering; runs in the pool's threads."""
+class UploadReader:
+    """Image bytes to a prediction and its rendering; runs in the pool's threads. Each failure
+    has its HTTP status: 415 for what is not an image, 422 for an image without a formula."""
 
-    def __init__(self, model: Im2Latex, vocab: Vocab, config: ServeConfig) -> None:
-        self.model, self.vocab, self.config = model, vocab, config
+    def __init__(self, reader: Reader, config: ServeConfig) -> None:
+        self.reader, self.config = reader, config
 
     def __call__(self, data: bytes, beam_size: int) -> tuple[str, float, str | None]:
         check_pixels(data, self.config.max_pixels)
@@ -297,9 +302,19 @@ class Decoder:
             img = model_input(normalize_user_image(img))
         except ImageError as e:  # blank page, nothing that looks like ink
             raise UploadError(422, str(e)) from None
-        pred = predict(self.model, self.vocab, [img], beam_size=beam_size,
-                       max_len=self.config.max_len, device=self.config.device)[0]
+        pred = self.reader.decode([img], beam_size=beam_size)[0]
         return pred.latex, pred.score, render_png(detokenize(pred.latex), self.config.render)
+
+
+def one_upload(image: UploadFile | None, file: UploadFile | None) -> UploadFile:
+    """The upload under either field name; none or both is a 422 in FastAPI's own form."""
+    if (image is None) == (file is None):
+        msg = ("Field required: the image as `image` (or `file`)" if image is None else
+               "give the image once, as `image` or as `file`, not both")
+        raise RequestValidationError([{"type": "missing" if image is None else "value_error",
+                                       "loc": ("body", "image" if image is None else "file"),
+                                       "msg": msg, "input": None}])
+    return image or file  # type: ignore[return-value]
 
 
 def _declared_type_ok(content_type: str | None) -> bool:
@@ -314,7 +329,9 @@ def _declared_type_ok(content_type: str | None) -> bool:
 def create_app(model: Im2Latex, vocab: Vocab, config: ServeConfig = ServeConfig()) -> FastAPI:
     """The page and the API around one loaded model; all state lives in this app."""
     pool = JobPool(config.threads, config.queue)
-    decode = Decoder(model, vocab, config)
+    reader = Reader(backend=TorchBackend(model, vocab, config.device), beam_size=config.beam_size,
+                    max_len=config.max_len)
+    decode = UploadReader(reader, config)
     model_info = ModelInfo(name=config.model_name, vocab_size=len(vocab),
                            parameters=sum(p.numel() for p in model.parameters()),
                            device=str(config.device))
@@ -335,12 +352,17 @@ def create_app(model: Im2Latex, vocab: Vocab, config: ServeConfig = ServeConfig(
     @app.post("/api/predict", response_model=PredictResponse, responses=ERRORS,
               summary="Read the LaTeX of a formula image")
     async def predict_image(
-        image: Annotated[UploadFile, File(description="The formula image (PNG, JPEG, GIF, "
-                                                      "BMP, TIFF, WebP)")],
+        image: Annotated[UploadFile | None, File(description="The formula image (PNG, JPEG, "
+                                                             "GIF, BMP, TIFF, WebP); give this "
+                                                             "or `file`")] = None,
+        file: Annotated[UploadFile | None, File(description="The same as `image`, under the "
+                                                            "name pix2tex's API uses; give "
+                                                            "one of the two")] = None,
         beam_size: Annotated[int, Form(ge=1, le=MAX_BEAM, description="Beam width; 1 is "
                                        "greedy decoding")] = config.beam_size,
     ) -> PredictResponse:
         start = time.perf_counter()
+        image = one_upload(image, file)
         if not _declared_type_ok(image.content_type):
             raise HTTPException(415, f"expected an image, got {image.content_type}")
         if not pool.reserve():

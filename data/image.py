@@ -166,10 +166,39 @@ def finish_render(
 # ---------------------------------------------------------------------------- file input
 
 
-def _open(src: str | Path | bytes, name: str) -> Image.Image:
-    """Decode with a size check first, so a bomb is refused before it is decompressed."""
+# What a user can hand over: a file (path or its bytes), or an image already in memory.
+ImageSource = str | Path | bytes | Image.Image | np.ndarray
+
+
+def _from_array(a: np.ndarray, name: str) -> Image.Image:
+    """An array as the image a file holding it decodes to: H x W gray or H x W x 3/4 RGB(A),
+    uint8, or float in [0, 1] (scikit-image's convention), so it takes the files' path after."""
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[..., 0]
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))):
+        raise ImageError(f"{name}: expected an H x W or H x W x 3/4 array, got shape {a.shape}"
+                         " (several images: pass a list)")
+    if a.size == 0:
+        raise ImageError(f"{name}: empty image")
+    if a.dtype.kind == "f":
+        if not (np.isfinite(a).all() and a.min() >= 0 and a.max() <= 1):
+            raise ImageError(f"{name}: a float array must hold values in [0, 1]")
+        a = np.round(a * 255).astype(np.uint8)
+    elif a.dtype != np.uint8:
+        raise ImageError(f"{name}: array of {a.dtype}: expected uint8, or float in [0, 1]")
+    return Image.fromarray(np.ascontiguousarray(a))
+
+
+def _open(src: ImageSource, name: str) -> Image.Image:
+    """Decode with a size check first, so a bomb is refused before it is decompressed (an
+    `Image.open` result not yet loaded included)."""
     try:
-        im = Image.open(io.BytesIO(src) if isinstance(src, bytes) else Path(src))
+        if isinstance(src, np.ndarray):
+            im = _from_array(src, name)
+        elif isinstance(src, Image.Image):
+            im = src
+        else:
+            im = Image.open(io.BytesIO(src) if isinstance(src, bytes) else Path(src))
         w, h = im.size
         if w * h > MAX_PIXELS:
             raise ImageError(f"{name}: {w}x{h} image is larger than {MAX_PIXELS} pixels")
@@ -210,13 +239,21 @@ def _background_is_dark(img: np.ndarray) -> bool:
     return bool(np.median(ring) < 128)
 
 
-def load_image(src: str | Path | bytes, name: str | None = None) -> np.ndarray:
-    """Any PNG/JPEG/... a user has, as dark-on-white uint8 gray (HxW).
+def _label(src: ImageSource) -> str:
+    if isinstance(src, str | Path):
+        return str(src)
+    return ("<bytes>" if isinstance(src, bytes) else "<array>" if isinstance(src, np.ndarray)
+            else "<PIL image>")
+
+
+def load_image(src: ImageSource, name: str | None = None) -> np.ndarray:
+    """Any PNG/JPEG/... a user has (path, bytes, PIL image or array), as dark-on-white uint8
+    gray (HxW).
 
     Handles palette, 16-bit, alpha, EXIF rotation and light-on-dark images (inverted).
     Raises ImageError, naming the file, for anything unreadable or too large.
     """
-    label = name or ("<bytes>" if isinstance(src, bytes) else str(src))
+    label = name or _label(src)
     im = _open(src, label)
     try:
         im = ImageOps.exif_transpose(im)
@@ -374,12 +411,13 @@ def _fits_largest_bucket(img: np.ndarray) -> bool:
     return bucket_size(img.shape[1], img.shape[0]) is not None
 
 
-def read_user_image(src: str | Path | bytes, name: str | None = None, normalize: bool = True
+def read_user_image(src: ImageSource, name: str | None = None, normalize: bool = True
                     ) -> np.ndarray:
-    """A user's image file (path or bytes) as the model takes it: the one path that inference,
-    evaluation, the dataset builders and the benchmarks share, so that a score measured by one
-    holds for the others. ``normalize=False`` feeds an image already in the training look as it
-    is. Raises ImageError, naming the file, for anything that cannot be read within bounds."""
+    """A user's image (path, bytes, PIL image or array) as the model takes it: the one path that
+    inference, the Python API, evaluation, the dataset builders and the benchmarks share, so
+    that a score measured by one holds for the others. ``normalize=False`` feeds an image already
+    in the training look as it is. Raises ImageError, naming the file, for anything that cannot
+    be read within bounds."""
     img = load_image(src, name)
     return model_input(normalize_user_image(img) if normalize else img)
 

@@ -23,9 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from im2latex.decoding import MAX_LEN  # torch-free home: the ONNX path and the API need it too
 from model.decoder import Decoder, DecoderState, scratch_for
-
-MAX_LEN = 150
 
 
 @dataclass

@@ -176,15 +176,16 @@ def test_inference_decodes_the_good_images_and_lists_the_hostile_ones(batch, tmp
 
 def test_an_image_that_cannot_be_decoded_loses_only_itself(batch, tmp_path, monkeypatch):
     import inference
+    from model import predict
 
-    real = inference.predict
+    real = predict.predict  # what the Reader's PyTorch backend decodes with
 
     def fragile(model, vocab, images, **kw):  # the decoder fails on the strip's bucket only
         if any(img.shape[1] == LARGEST_W for img in images):
             raise RuntimeError("out of memory\nmore detail")
         return real(model, vocab, images, **kw)
 
-    monkeypatch.setattr(inference, "predict", fragile)
+    monkeypatch.setattr(predict, "predict", fragile)
     out = tmp_path / "out.json"
     rc = inference.main([str(batch / "good.png"), str(batch / "strip.png"), "--model_path",
                          str(batch / "tiny.pt"), "--beam_size", "1", "--max_len", "5",

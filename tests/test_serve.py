@@ -127,6 +127,25 @@ def test_a_request_without_a_file_is_refused_with_422(client):
     r = client.post("/api/predict", json={"image": "x.png"})
     assert r.status_code == 422
     assert r.json()["detail"][0]["loc"] == ["body", "image"]
+    assert "`file`" in r.json()["detail"][0]["msg"]  # says the other name works too
+
+
+def test_the_image_may_come_as_file_the_field_pix2tex_uses(client, formula_path):
+    data = formula_path.read_bytes()
+    by_image = post(client, data, beam_size="1")
+    by_file = client.post("/api/predict", files={"file": ("f.png", data, "image/png")},
+                          data={"beam_size": "1"})
+    assert by_image.status_code == by_file.status_code == 200, by_file.text
+    assert by_file.json()["tokens"] == by_image.json()["tokens"]
+
+
+def test_an_image_under_both_field_names_is_refused_with_422(client, formula_path):
+    data = formula_path.read_bytes()
+    r = client.post("/api/predict", files={"image": ("f.png", data, "image/png"),
+                                           "file": ("g.png", data, "image/png")})
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["loc"] == ["body", "file"]
+    assert "not both" in r.json()["detail"][0]["msg"]
 
 
 def test_a_blank_image_is_refused_with_422(client):
@@ -178,7 +197,8 @@ def test_openapi_documents_both_endpoints_with_described_fields(client):
     predict_op = doc["paths"]["/api/predict"]["post"]
     form = predict_op["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"]
     form_fields = doc["components"]["schemas"][form.rsplit("/", 1)[1]]["properties"]
-    assert set(form_fields) == {"image", "beam_size"}
+    assert set(form_fields) == {"image", "file", "beam_size"}
+    assert all(form_fields[f].get("description") for f in ("image", "file"))
     assert {"200", "413", "415", "422", "503"} <= set(predict_op["responses"])
     assert "get" in doc["paths"]["/api/health"]
     fields = doc["components"]["schemas"]["PredictResponse"]["properties"]

@@ -1,0 +1,199 @@
+"""The Python API: formula images in, LaTeX out, in a few lines.
+
+    from im2latex import Reader
+    reader = Reader()                            # the shipped model, PyTorch, on the CPU
+    print(reader("formula.png").latex)           # one image -> a Prediction
+    for p in reader([png_bytes, pil_image, array]):  # a list -> Predictions, in order, batched
+        print(p.latex, p.score)
+
+Every input, whatever its type, goes through `data.image.read_user_image`, the pipeline that
+inference.py, evaluate.py and the web page use, and every decoding through `Reader.decode`:
+those scripts are built on this class, so a reading here equals theirs on the same image.
+
+Importing this module does not import torch: the PyTorch backend imports it when it is built,
+and the ONNX Runtime backend (im2latex/onnx_backend.py) never does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol, overload
+
+import numpy as np
+from PIL import Image
+
+from data.image import ImageError, ImageSource, read_user_image
+from data.vocab import Vocab
+from im2latex.decoding import MAX_LEN, shape_batches
+from im2latex.prediction import Prediction
+
+__all__ = ["BACKENDS", "DEFAULT_ONNX_DIR", "Backend", "ImageError", "Prediction", "Reader",
+           "TorchBackend"]
+
+# The shipped model exported for ONNX Runtime (export_model.py --onnx); the PyTorch default is
+# model.checkpoint.DEFAULT_MODEL, read from there when that backend is built.
+DEFAULT_ONNX_DIR = Path(__file__).resolve().parent.parent / "checkpoints" / "im2latex_onnx"
+BACKENDS = ("torch", "onnx")
+# What a decoder raises on an input it cannot take: torch's out-of-memory is a RuntimeError.
+DECODE_ERRORS = (RuntimeError, ValueError, MemoryError)
+_SOURCES = (str, Path, bytes, Image.Image, np.ndarray)
+
+
+class Backend(Protocol):
+    """A loaded model that decodes model inputs (uint8 H x W, data.image.model_input): grouped
+    by shape into batches of at most `batch_size`, results in input order."""
+
+    vocab: Vocab
+
+    def predict(self, images: Sequence[np.ndarray], *, beam_size: int, max_len: int,
+                batch_size: int) -> list[Prediction]: ...
+
+
+class TorchBackend:
+    """model.predict.predict on a model loaded once; torch is imported when one is built."""
+
+    def __init__(self, model, vocab: Vocab, device: str = "cpu") -> None:
+        self.model, self.vocab, self.device = model, vocab, device
+
+    @classmethod
+    def load(cls, model_path: str | Path | None = None, device: str | None = "cpu"
+             ) -> TorchBackend:
+        """The checkpoint (.pt or run folder; None: the shipped model) on `device` (None: CUDA
+        when there is one). CheckpointError/VocabError (ValueErrors) for a bad file."""
+        import torch
+
+        from model.checkpoint import DEFAULT_MODEL, load_model
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model, vocab = load_model(model_path or DEFAULT_MODEL, device=device)
+        return cls(model, vocab, device)
+
+    def predict(self, images: Sequence[np.ndarray], *, beam_size: int, max_len: int,
+                batch_size: int) -> list[Prediction]:
+        from model import predict  # looked up per call: tests replace it with a failing one
+
+        return predict.predict(self.model, self.vocab, images, beam_size=beam_size,
+                               max_len=max_len, batch_size=batch_size, device=self.device)
+
+
+def load_backend(kind: str, model_path: str | Path | None = None, device: str | None = "cpu"
+                 ) -> Backend:
+    """A backend by name; model_path None means the shipped model in that backend's format."""
+    if kind == "torch":
+        return TorchBackend.load(model_path, device)
+    if kind == "onnx":
+        if device not in (None, "cpu"):
+            raise ValueError(f"the ONNX backend runs on the CPU, not on {device!r}")
+        try:
+            from im2latex.onnx_backend import OnnxBackend
+        except ImportError as e:
+            raise ImportError(f"the ONNX backend needs onnxruntime (pip install -r "
+                              f"requirements.txt): {e}") from e
+        return OnnxBackend(model_path or DEFAULT_ONNX_DIR)
+    raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {kind!r}")
+
+
+def _at_least_1(name: str, value: int) -> int:
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+class Reader:
+    """Reads formula images into LaTeX with one loaded model.
+
+    `reader(x)` for one image gives a Prediction (`.latex`: the model's tokens separated by
+    spaces, as inference.py prints them; `.score`: the mean log-probability of those tokens,
+    </s> included, <= 0, higher is surer). `reader([x, y, ...])` gives a list, in order,
+    decoded in batches of images of one size. An image is a path, the bytes of a file, a PIL
+    image or a numpy array (H x W gray or H x W x 3/4 RGB(A); uint8, or float in [0, 1]).
+
+    backend: "torch" (model_path: a .pt checkpoint or run folder) or "onnx" (model_path: a
+    folder from export_model.py --onnx; no torch needed), or a Backend already loaded.
+    device: where torch runs ("cpu", "cuda"; None: CUDA when available).
+    normalize: bring images to the training look (inverted, cropped, rescaled); False feeds
+    images already in the dataset's look as they are.
+    Raises ImageError for an image that cannot be read, TypeError for an input of another type.
+    """
+
+    def __init__(self, model_path: str | Path | None = None, *, backend: str | Backend = "torch",
+                 beam_size: int = 5, device: str | None = "cpu", normalize: bool = True,
+                 batch_size: int = 32, max_len: int = MAX_LEN) -> None:
+        self.beam_size = _at_least_1("beam_size", beam_size)
+        self.batch_size = _at_least_1("batch_size", batch_size)
+        self.max_len = _at_least_1("max_len", max_len)
+        self.normalize = normalize
+        self.backend = (load_backend(backend, model_path, device) if isinstance(backend, str)
+                        else backend)
+
+    @property
+    def vocab(self) -> Vocab:
+        return self.backend.vocab
+
+    @overload
+    def __call__(self, inputs: ImageSource, *, beam_size: int | None = None) -> Prediction: ...
+
+    @overload
+    def __call__(self, inputs: list | tuple, *, beam_size: int | None = None
+                 ) -> list[Prediction]: ...
+
+    def __call__(self, inputs, *, beam_size=None):
+        """One image -> its Prediction; a list or tuple of images -> their Predictions."""
+        if isinstance(inputs, list | tuple):
+            images = [self.prepare(x, None if isinstance(x, str | Path) else f"input {i}")
+                      for i, x in enumerate(inputs)]
+            return self.decode(images, beam_size=beam_size)
+        return self.decode([self.prepare(inputs)], beam_size=beam_size)[0]
+
+    def prepare(self, src: ImageSource, name: str | None = None) -> np.ndarray:
+        """An image as the model takes it (data.image.read_user_image); ImageError names it."""
+        if not isinstance(src, _SOURCES):
+            raise TypeError(f"cannot read a {type(src).__name__} as an image: pass a path, "
+                            "bytes, a PIL image or a numpy array (several: a list of them)")
+        return read_user_image(src, name, normalize=self.normalize)
+
+    def decode(self, images: Sequence[np.ndarray], *, beam_size: int | None = None,
+               on_batch: Callable[[int], None] | None = None,
+               on_error: Callable[[int, Exception], None] | None = None
+               ) -> list[Prediction | None]:
+        """Predictions for model inputs (`prepare`), in order, in batches of one image size.
+
+        A batch that fails (out of memory, say) is retried one image at a time, so that only
+        an image that cannot be decoded alone is lost: it is passed to `on_error(index, error)`
+        and its place holds None; without `on_error` the error is raised. `on_batch(n)` is
+        called after each batch of n images, for progress bars."""
+        def run(idx: list[int]) -> list[Prediction]:
+            return self.backend.predict([images[i] for i in idx], beam_size=beam,
+                                        max_len=self.max_len, batch_size=self.batch_size)
+
+        beam = self.beam_size if beam_size is None else _at_least_1("beam_size", beam_size)
+        out: list[Prediction | None] = [None] * len(images)
+        for chunk in shape_batches(images, self.batch_size):
+            try:
+                done = list(zip(chunk, run(chunk)))
+            except DECODE_ERRORS as e:
+                done = _one_at_a_time(chunk, run, e, on_error)
+            for i, p in done:
+                out[i] = p
+            if on_batch:
+                on_batch(len(chunk))
+        return out
+
+
+def _one_at_a_time(chunk: list[int], run: Callable[[list[int]], list[Prediction]],
+                   batch_error: Exception, on_error: Callable[[int, Exception], None] | None
+                   ) -> list[tuple[int, Prediction]]:
+    """The images of a failed batch decoded alone (a batch of one is not decoded again); the
+    ones that fail alone go to `on_error`, or raise without it."""
+    done = []
+    for i in chunk:
+        try:
+            if len(chunk) == 1:
+                raise batch_error
+            done.append((i, run([i])[0]))
+        except DECODE_ERRORS as e:
+            if on_error is None:
+                raise
+            on_error(i, e)
+    return done
