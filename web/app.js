@@ -86,8 +86,7 @@ async function decode() {
   if (id !== requestId) return;
   const total = Math.round(performance.now() - started);
   $("latex").value = answer.latex;
-  $("confidence").textContent = `${(100 * Math.exp(answer.score)).toFixed(1)} %`;
-  $("confidence").title = `mean token log-probability ${answer.score.toFixed(3)}`;
+  showConfidence(answer);
   $("time").textContent = `${Math.round(answer.ms)} ms`;
   $("time").title = `${total} ms including the upload`;
   if (answer.render_png) {
@@ -97,6 +96,22 @@ async function decode() {
     $("render-failed").hidden = false;
   }
   setStatus(answer.latex ? "Done." : "Done, but the model wrote nothing.");
+}
+
+// The server's `confidence` is the measured chance that a reading is exactly right (calibrated
+// on validation images for the model it runs, im2latex/confidence.py); without one (a model
+// nobody calibrated) the page shows exp(score), which ranks readings but is no such chance.
+function showConfidence(answer) {
+  const el = $("confidence");
+  const score = `mean token log-probability ${answer.score.toFixed(3)}`;
+  if (typeof answer.confidence === "number") {
+    el.textContent = `${(100 * answer.confidence).toFixed(0)} %`;
+    el.title = "Chance that this reading is exactly right, measured on validation images " +
+      `(${score}).`;
+  } else {
+    el.textContent = `${(100 * Math.exp(answer.score)).toFixed(1)} %`;
+    el.title = `Not calibrated for this model: exp(${score}), not a chance of being right.`;
+  }
 }
 
 function describe(detail, status) {
