@@ -42,10 +42,15 @@ def temp_owner(temp: Path) -> int | None:
 
 
 @contextmanager
-def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
+def atomic_open(path: str | Path, sync: bool = True) -> Iterator[BinaryIO]:
     """A binary file to write `path` through (``torch.save``, ``np.save``, PIL's ``save``):
     it replaces `path` when the block ends normally; an exception leaves `path` untouched and
-    no temporary file behind. Missing parent folders are made."""
+    no temporary file behind. Missing parent folders are made.
+
+    ``sync=False`` skips the fsync, for many small files that a rerun makes again (rendered
+    images): a killed process still leaves the old file or the new, only a power cut may
+    leave an empty one. Measured (/tmp, 1000 240x50 PNGs, other jobs running): 6.5-7 ms a file
+    with the fsync, 2.1 ms without; a full-speed render makes one every ~6 ms."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
@@ -53,7 +58,8 @@ def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
         with open(tmp, "xb") as f:  # "x": never another writer's temporary file
             yield f
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

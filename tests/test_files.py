@@ -35,6 +35,15 @@ def test_writes_str_and_bytes_and_leaves_only_the_target(tmp_path):
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["a.txt", "b.bin", "sub"]
 
 
+def test_sync_is_the_default_and_can_be_skipped(tmp_path, monkeypatch):
+    synced = []
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd))
+    atomic_write(tmp_path / "a", b"1")
+    with atomic_open(tmp_path / "b", sync=False) as f:
+        f.write(b"2")
+    assert len(synced) == 1 and (tmp_path / "b").read_bytes() == b"2"
+
+
 def test_concurrent_writers_of_one_file_do_not_collide(tmp_path):
     """Eight threads (one PID) hold their temporary files open at once; the result is one
     writer's whole content."""
