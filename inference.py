@@ -24,13 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from data.image import ImageError, read_user_image
+from data.image import IMAGE_SUFFIXES, ImageError, read_user_image
 from data.normalize import NormalizeError, normalize
 from im2latex.api import BACKENDS, DEFAULT_ONNX_DIR, Reader
 from im2latex.decoding import MAX_LEN
 from im2latex.prediction import Prediction
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 LIST_SUFFIXES = {".txt", ".lst"}
 
 

@@ -3,6 +3,8 @@ and bad input."""
 
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ from PIL import Image
 
 from data.image import BUCKETS
 from data.layout import IMAGES_DIR, read_lines
-from tests.conftest import SHARED, run_script
+from tests.conftest import ROOT, SHARED, run_script
 
 
 def test_preprocess_writes_standard_layout_and_shards(tiny_dataset):
@@ -195,3 +197,32 @@ def test_inference_bad_paths(tiny_model, tmp_path):
     assert p.returncode == 1 and "no images" in p.stderr
     p = run_script("inference.py", "--model_path", tiny_model, tmp_path / "nope.png", check=False)
     assert p.returncode == 1 and "no such file" in p.stderr
+
+
+def test_inference_onnx_backend_reads_like_torch_without_importing_torch(tiny_dataset, tmp_path):
+    """The shipped model through ONNX Runtime, in a process where `import torch` fails."""
+    names = [n.split()[0] for n in read_lines(tiny_dataset / "im2latex_test_filter.lst")[:3]]
+    images = [str(tiny_dataset / IMAGES_DIR / n) for n in names]
+    torch_out, onnx_out = tmp_path / "torch.json", tmp_path / "onnx.json"
+    run_script("inference.py", *images, "--beam_size", "2", "--device", "cpu",
+               "--json", torch_out)
+    no_torch = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = sys.argv[1:]; "
+                "runpy.run_path(sys.argv[0], run_name='__main__')")
+    p = subprocess.run([sys.executable, "-c", no_torch, str(ROOT / "inference.py"), *images,
+                        "--backend", "onnx", "--beam_size", "2", "--json", str(onnx_out)],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    by_torch, by_onnx = (json.loads(f.read_text())["results"] for f in (torch_out, onnx_out))
+    assert [r["predict"] for r in by_onnx] == [r["predict"] for r in by_torch]
+    assert [r["name"] for r in by_onnx] == images
+
+
+def test_inference_onnx_backend_bad_flags(tiny_dataset, tmp_path):
+    first = read_lines(tiny_dataset / "im2latex_test_filter.lst")[0].split()[0]
+    image = tiny_dataset / IMAGES_DIR / first
+    p = run_script("inference.py", image, "--backend", "onnx", "--attention_figure",
+                   tmp_path / "a.png", check=False)
+    assert p.returncode == 1 and "--attention_figure needs --backend torch" in p.stderr
+    p = run_script("inference.py", image, "--backend", "onnx", "--onnx_path", tmp_path / "nope",
+                   check=False)
+    assert p.returncode == 1 and "no such folder" in p.stderr and "Traceback" not in p.stderr
