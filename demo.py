@@ -10,8 +10,8 @@ The story, top to bottom:
 2. Render each on the spot in the training look (data/render.py, Computer Modern; needs TeX),
    and make a screenshot-like copy of it (data/conditions.py's "screenshot": enlarged, cropped
    unevenly, gray page, JPEG), as bench/robustness.py does.
-3. Read both image files the way inference.py reads a user's file (data.image.read_user_image,
-   then model.predict), with the shipped model checkpoints/im2latex.pt.
+3. Read both image files the way inference.py reads a user's file (im2latex.Reader: the one
+   user-image pipeline, then beam search), with the shipped model checkpoints/im2latex.pt.
 4. Print the truth and both readings one under the other with a score (token edit similarity,
    percent) and whether every token is right, then how many were read exactly, and the command
    that starts the web page.
@@ -32,14 +32,13 @@ import numpy as np
 import torch
 
 from data.conditions import CONDITIONS
-from data.image import ImageError, read_user_image
 from data.layout import read_lines
 from data.metrics import text_scores
 from data.normalize import detokenize
 from data.render import RenderError, RenderOptions, render_results
 from data.vocab import VocabError
-from model.checkpoint import DEFAULT_MODEL, CheckpointError, load_model
-from model.predict import predict
+from im2latex import ImageError, Reader
+from model.checkpoint import DEFAULT_MODEL, CheckpointError
 
 ROOT = Path(__file__).resolve().parent
 FORMULAS = ROOT / "data" / "demo_formulas.txt"
@@ -125,18 +124,18 @@ def make_files(truths: list[str], seed: int) -> list[Example]:
 
 
 def read_all(examples: list[Example], cfg: DemoConfig) -> None:
-    """Every image file through the user's path, decoded in one batch run; an image that
-    normalization refuses reads as nothing (what a user would get)."""
-    model, vocab = load_model(cfg.model_path)
+    """Every image file through the user's path (im2latex.Reader, as inference.py), decoded in
+    one run; an image that normalization refuses reads as nothing (what a user would get)."""
+    reader = Reader(cfg.model_path, beam_size=cfg.beam_size)
     slots, images = [], []
     for ex in examples:
         for view, data in ex.files.items():
             try:
-                images.append(read_user_image(data, f"{view}.img"))
+                images.append(reader.prepare(data, f"{view}.img"))
                 slots.append((ex, view))
             except ImageError:
                 ex.readings[view] = ""
-    for (ex, view), pred in zip(slots, predict(model, vocab, images, beam_size=cfg.beam_size)):
+    for (ex, view), pred in zip(slots, reader.decode(images)):
         ex.readings[view] = pred.latex
 
 

@@ -11,12 +11,12 @@ import pytest
 from PIL import Image
 
 import demo
-from data.image import read_user_image
+from data.files import atomic_open
 from data.layout import IMAGES_DIR
 from data.normalize import detokenize
 from data.render import render_formulas
-from model.checkpoint import DEFAULT_MODEL, atomic_write, load_model
-from model.predict import predict
+from im2latex import Reader
+from model.checkpoint import DEFAULT_MODEL
 from tests.conftest import HAVE_TEX, ROOT
 from tests.test_serve import serve_process
 
@@ -119,8 +119,7 @@ def test_the_shipped_model_reads_an_upload_and_the_page_is_photographed(browser,
     truth = demo.draw(demo.read_formula_file(demo.FORMULAS), 1, seed=0)[0]
     image = tmp_path / "formula.png"
     Image.fromarray(render_formulas([detokenize(truth)])[0]).save(image)
-    model, vocab = load_model(DEFAULT_MODEL)
-    expected = predict(model, vocab, [read_user_image(image)], beam_size=5)[0]
+    expected = Reader(DEFAULT_MODEL, beam_size=5)(image)
 
     browser.set_window_size(*DOCS_WINDOW)
     with serve_process(DEFAULT_MODEL, tmp_path / "serve.log", "--beam_size", "5") as url:
@@ -145,5 +144,5 @@ def test_the_shipped_model_reads_an_upload_and_the_page_is_photographed(browser,
         crop = page.crop((box["x"], box["y"], box["x"] + box["width"], box["y"] + box["height"]))
         assert crop.getextrema()[0] < 100, f"no ink where an image should be: {box}"
     if os.environ.get("IM2LATEX_UPDATE_DOCS") == "1":
-        atomic_write(ROOT / "docs" / "web.png", lambda fh: small_png(shot).save(fh, "PNG",
-                                                                              optimize=True))
+        with atomic_open(ROOT / "docs" / "web.png") as fh:
+            small_png(shot).save(fh, "PNG", optimize=True)
