@@ -12,9 +12,12 @@ The story, top to bottom:
    unevenly, gray page, JPEG), as bench/robustness.py does.
 3. Read both image files the way inference.py reads a user's file (im2latex.Reader: the one
    user-image pipeline, then beam search), with the shipped model checkpoints/im2latex.pt.
-4. Print the truth and both readings one under the other with a score (token edit similarity,
-   percent) and whether every token is right, then how many were read exactly, and the command
-   that starts the web page.
+4. Typeset each reading again and compare it with the truth's render, column by column (Deng
+   et al.'s image match, as evaluate.py --render): `{\frac{1}{2}}` for `\frac{1}{2}` is a
+   different token sequence but the same picture.
+5. Print the truth and both readings one under the other with a score (token edit similarity,
+   percent), whether every token is right and whether the picture is, then how many were read
+   exactly, and the command that starts the web page.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import secrets
 import sys
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +36,9 @@ import torch
 
 from data.conditions import CONDITIONS
 from data.layout import read_lines
-from data.metrics import text_scores
+from data.metrics import image_scores, text_scores
 from data.normalize import detokenize
-from data.render import RenderError, RenderOptions, render_results
+from data.render import RenderError, RenderOptions, render_formulas, render_results
 from data.vocab import VocabError
 from im2latex import ImageError, Reader
 from model.checkpoint import DEFAULT_MODEL, CheckpointError
@@ -64,8 +67,10 @@ class Example:
     the formula did not render or normalization refused the image)."""
 
     truth: str
-    files: dict[str, bytes]
-    readings: dict[str, str | None]
+    image: np.ndarray | None  # the truth's render
+    files: dict[str, bytes] = field(default_factory=dict)
+    readings: dict[str, str | None] = field(default_factory=lambda: dict.fromkeys(VIEWS))
+    same_picture: dict[str, bool] = field(default_factory=lambda: dict.fromkeys(VIEWS, False))
     note: str = ""
 
 
@@ -112,7 +117,7 @@ def make_files(truths: list[str], seed: int) -> list[Example]:
     renders = render_results([detokenize(t) for t in truths], RenderOptions())
     examples = []
     for i, (truth, r) in enumerate(zip(truths, renders)):
-        ex = Example(truth, {}, {v: None for v in VIEWS})
+        ex = Example(truth, r.image)
         if r.image is None:
             ex.note = f"did not render: {(r.error or 'unknown error').splitlines()[0][:80]}"
         else:
@@ -139,6 +144,15 @@ def read_all(examples: list[Example], cfg: DemoConfig) -> None:
         ex.readings[view] = pred.latex
 
 
+def compare_pictures(examples: list[Example]) -> None:
+    """Each reading typeset again (one render run) and compared with the truth's render: a
+    match is pixel columns equal once both are cropped to the ink (data.metrics.image_scores)."""
+    slots = [(ex, v) for ex in examples for v in VIEWS if ex.image is not None and ex.readings[v]]
+    renders = render_formulas([detokenize(ex.readings[v]) for ex, v in slots], RenderOptions())
+    for (ex, view), img in zip(slots, renders):
+        ex.same_picture[view] = image_scores([ex.image], [img])["image_exact_match"] == 100
+
+
 def similarity(truth: str, reading: str) -> float:
     """Token edit similarity in percent (100: every token right), as evaluate.py reports it."""
     return text_scores([truth], [reading])["edit_distance"]
@@ -151,33 +165,37 @@ def exact(truth: str, reading: str | None) -> bool:
 def format_table(examples: list[Example]) -> str:
     """Truth and readings one under the other, as compilable LaTeX, so that differences line up
     at the start of the formula; score and verdict come first so that they line up too."""
-    lines = [f"{'#':>3}  {'image':<10} {'score':>6}  {'exact':<5}  LaTeX", ""]
+    lines = [f"{'#':>3}  {'image':<10} {'score':>6}  {'exact':<5}  {'picture':<7}  LaTeX", ""]
     for k, ex in enumerate(examples, 1):
-        lines.append(f"{k:>3}  {'truth':<10} {'':>6}  {'':<5}  {detokenize(ex.truth)}")
+        lines.append(f"{k:>3}  {'truth':<10} {'':>6}  {'':<5}  {'':<7}  {detokenize(ex.truth)}")
         if ex.note:
-            lines.append(f"{'':>3}  {'':<10} {'':>6}  {'':<5}  ({ex.note})")
+            lines.append(f"{'':>3}  {'':<10} {'':>6}  {'':<5}  {'':<7}  ({ex.note})")
         for view in VIEWS:
             got = ex.readings[view]
             if got is None:
                 continue
             verdict = "yes" if exact(ex.truth, got) else "no"
+            picture = "same" if ex.same_picture[view] else "differs"
             shown = detokenize(got) if got else "(image refused: nothing read)"
             lines.append(f"{'':>3}  {view:<10} {similarity(ex.truth, got):>6.1f}  {verdict:<5}  "
-                         f"{shown}")
+                         f"{picture:<7}  {shown}")
         lines.append("")
     return "\n".join(lines)
 
 
 def summary(examples: list[Example]) -> list[str]:
     """The exact-count line, then BLEU-4 over the same images for comparison with the tables."""
-    counts, bleu = [], []
+    counts, pictures, bleu = [], [], []
     for view in VIEWS:
-        read = [(ex.truth, ex.readings[view]) for ex in examples if ex.readings[view] is not None]
-        right = sum(exact(t, r) for t, r in read)
+        read = [ex for ex in examples if ex.readings[view] is not None]
+        right = sum(exact(ex.truth, ex.readings[view]) for ex in read)
         counts.append(f"{right}/{len(read)} {view}")
+        pictures.append(f"{sum(ex.same_picture[view] for ex in read)}/{len(read)} {view}")
         if read:
-            bleu.append(f"{view} {text_scores(*map(list, zip(*read)))['bleu4']:.1f}")
-    lines = [f"read exactly right: {', '.join(counts)}"]
+            score = text_scores([ex.truth for ex in read], [ex.readings[view] for ex in read])
+            bleu.append(f"{view} {score['bleu4']:.1f}")
+    lines = [f"read exactly right: {', '.join(counts)}",
+             f"typeset the same as the truth: {', '.join(pictures)}"]
     unrendered = sum(bool(ex.note) for ex in examples)
     if unrendered:
         lines.append(f"({unrendered} of {len(examples)} formulas did not render: not counted)")
@@ -221,10 +239,12 @@ def main(argv: list[str] | None = None) -> int:
               "them again). Each is rendered now in the training look (Computer Modern) and made "
               f"into a screenshot-like image ({CONDITIONS['screenshot'].description}); both "
               f"files are read as inference.py reads yours, beam {cfg.beam_size}. score: token "
-              "edit similarity to the truth (percent); exact: every token right.\n", flush=True)
+              "edit similarity to the truth (percent); exact: every token right; picture: the "
+              "reading typeset again is the truth's render, pixel columns equal.\n", flush=True)
         start = time.perf_counter()
         examples = make_files(truths, cfg.seed)
         read_all(examples, cfg)
+        compare_pictures(examples)
     except (ValueError, RenderError, CheckpointError, VocabError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import demo
@@ -37,14 +38,14 @@ def run_demo(repo: Path, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-def table_rows(out: str) -> list[tuple[str, str, str]]:
-    """(image, exact, LaTeX) of every table row; the truth rows have an empty verdict."""
+def table_rows(out: str) -> list[tuple[str, str, str, str]]:
+    """(image, exact, picture, LaTeX) of every table row; truth rows have empty verdicts."""
     rows = []
     for line in out.splitlines():
-        m = re.match(r"^\s*(?:\d+\s+)?(truth|clean|screenshot)\s+(?:[\d.]+\s+(yes|no)\s+)?(.*)$",
-                     line)
+        m = re.match(r"^\s*(?:\d+\s+)?(truth|clean|screenshot)\s+"
+                     r"(?:[\d.]+\s+(yes|no)\s+(same|differs)\s+)?(.*)$", line)
         if m:
-            rows.append((m.group(1), m.group(2) or "", m.group(3)))
+            rows.append((m.group(1), m.group(2) or "", m.group(3) or "", m.group(4)))
     return rows
 
 
@@ -55,16 +56,20 @@ def test_demo_reads_the_drawn_formulas_counts_exact_ones_and_repeats_under_a_see
     assert first.returncode == 0, first.stderr[-3000:]
     rows = table_rows(first.stdout)
     truths = demo.draw(demo.read_formula_file(demo.FORMULAS), 3, seed=3)
-    assert [r[2] for r in rows if r[0] == "truth"] == [detokenize(t) for t in truths]
+    assert [r[3] for r in rows if r[0] == "truth"] == [detokenize(t) for t in truths]
     assert [r[0] for r in rows] == ["truth", "clean", "screenshot"] * 3
     counts = re.search(r"^read exactly right: (\d+)/3 clean, (\d+)/3 screenshot$", first.stdout,
                        re.M)
-    assert counts, first.stdout
-    for view, count in zip(("clean", "screenshot"), counts.groups()):
-        verdicts = [r[1] for r in rows if r[0] == view]
-        assert set(verdicts) <= {"yes", "no"} and verdicts.count("yes") == int(count)
-        for (_, exact, latex), truth in zip([r for r in rows if r[0] == view], truths):
+    pictures = re.search(r"^typeset the same as the truth: (\d+)/3 clean, (\d+)/3 screenshot$",
+                         first.stdout, re.M)
+    assert counts and pictures, first.stdout
+    for k, view in enumerate(("clean", "screenshot")):
+        readings = [r for r in rows if r[0] == view]
+        assert [r[1] for r in readings].count("yes") == int(counts.group(k + 1))
+        assert [r[2] for r in readings].count("same") == int(pictures.group(k + 1))
+        for (_, exact, picture, latex), truth in zip(readings, truths):
             assert (exact == "yes") == (latex == detokenize(truth))
+            assert exact == "no" or picture == "same"  # the same tokens typeset the same
     assert re.search(r"python serve\.py .*http://127\.0\.0\.1:\d+", first.stdout)
 
     again = run_demo(repo, "--seed", "3", "--count", "3", "--beam_size", "1")
@@ -96,3 +101,15 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         demo.main(["--count", "0"])
     assert stop.value.code == 2 and "at least 1" in capsys.readouterr().err
+
+
+def test_a_formula_that_did_not_render_is_shown_and_left_out_of_the_counts():
+    read = demo.Example("a + b", np.zeros((4, 4), np.uint8),
+                        readings={"clean": "a + b", "screenshot": "a - b"},
+                        same_picture={"clean": True, "screenshot": False})
+    lost = demo.Example("\\foo", None, note="did not render: Undefined control sequence")
+    table, summary = demo.format_table([read, lost]), demo.summary([read, lost])
+    assert "(did not render: Undefined control sequence)" in table
+    assert summary[0] == "read exactly right: 1/1 clean, 0/1 screenshot"
+    assert summary[1] == "typeset the same as the truth: 1/1 clean, 0/1 screenshot"
+    assert summary[2] == "(1 of 2 formulas did not render: not counted)"
