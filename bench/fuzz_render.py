@@ -33,7 +33,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from data import render as R  # noqa: E402
-from data import sandbox  # noqa: E402
+from data import render_batches, sandbox  # noqa: E402
 
 WORD = "QZXFUZZSECRET"
 WRITE_NAME = "qzxfuzzout"  # every write the grammar attempts uses this name
@@ -138,7 +138,7 @@ def fuzz(n: int, seed: int, scratch: Path, workers: int = 1) -> Summary:
     before = snapshot(cwd, home, tmp)
     old = (os.getcwd(), os.environ.get("HOME"), tempfile.tempdir)
     summary, logs = Summary(formulas=n), []
-    run_tex = R._run_tex
+    run_tex = render_batches.run_tex
 
     def spy(formulas, geometry, opts, workdir):  # read each log before the folder is wiped
         start = time.monotonic()
@@ -151,16 +151,16 @@ def fuzz(n: int, seed: int, scratch: Path, workers: int = 1) -> Summary:
     start = time.monotonic()
     try:
         os.chdir(cwd)
-        os.environ["HOME"], tempfile.tempdir, R._run_tex = str(home), str(tmp), spy
+        os.environ["HOME"], tempfile.tempdir, render_batches.run_tex = str(home), str(tmp), spy
         opts = R.RenderOptions(workers=workers, formula_timeout_s=1.0, timeout_s=60)
         screened = R.render_results(formulas[: n // 2], opts)
-        bypassed = R._render_batch(list(enumerate(formulas[n // 2 :])), opts)
+        bypassed = render_batches.render_batch(list(enumerate(formulas[n // 2 :])), opts)
         results = screened + [bypassed[i] for i in range(n - n // 2)]
     finally:
         os.chdir(old[0])
         if old[1] is not None:
             os.environ["HOME"] = old[1]
-        tempfile.tempdir, R._run_tex = old[2], run_tex
+        tempfile.tempdir, render_batches.run_tex = old[2], run_tex
     summary.total_s = time.monotonic() - start
     for r in results:
         refused = r.error is not None and r.error.startswith(("forbidden", "environment",

@@ -33,6 +33,7 @@ from data.normalize import detokenize  # noqa: E402
 from data.render import RenderOptions, render_results  # noqa: E402
 from data.sandbox import sandboxed  # noqa: E402
 from data.styles import STYLES, get_style, parse_styles  # noqa: E402
+from data.tex_document import Geometry, make_document  # noqa: E402
 
 DEFAULT_FORMULAS = ROOT / ".." / "shared" / "data" / "im2latex100k" / "val.formulas.norm.txt"
 
@@ -41,7 +42,7 @@ def lost_glyphs(formulas: list[str], style: str) -> int:
     """Glyphs the style's fonts lack, over all formulas: one draft-mode pdflatex run (in the
     sandbox) of the renderer's own document with \\tracinglostchars on."""
     fs = [f for f in formulas if R.screen(f) is None and not R.needs_isolation(f)]
-    doc = R._document(fs, "bench", R._Geometry(), 200, get_style(style))
+    doc = make_document(fs, "bench", Geometry(), 200, get_style(style))
     doc = doc.replace("\\begin{document}", "\\tracinglostchars=1\n\\begin{document}", 1)
     with tempfile.TemporaryDirectory(prefix="im2latex-lost-") as tmp:
         (Path(tmp) / "lost.tex").write_text(doc)

@@ -24,6 +24,8 @@ from data.render import (
     screen,
     wrap_multiline,
 )
+from data.render_batches import render_batch
+from data.tex_process import limits, tex_env
 
 pytestmark = pytest.mark.skipif(
     shutil.which("pdflatex") is None or shutil.which("gs") is None,
@@ -166,7 +168,7 @@ def test_multiline_bodies_are_wrapped_only_when_needed(solo):
 
 def attack_results(formulas: list[str]) -> dict[int, R.RenderResult]:
     """Bypass the lexical screen: these tests are about the TeX sandbox itself."""
-    return R._render_batch(list(enumerate(formulas)), FAST)
+    return render_batch(list(enumerate(formulas)), FAST)
 
 
 def test_sandbox_contains_file_and_shell_attacks(tmp_path, private_tmp, solo):
@@ -224,13 +226,13 @@ def test_sandbox_contains_resource_attacks(private_tmp, solo):
 def test_rlimits_reach_the_child():
     out = subprocess.run(
         ["sh", "-c", "ulimit -v; ulimit -t; ulimit -f"], capture_output=True, text=True,
-        preexec_fn=R._limits(memory_mb=300, cpu_s=7, file_mb=2),
+        preexec_fn=limits(memory_mb=300, cpu_s=7, file_mb=2),
     ).stdout.split()
     assert out == [str(300 * 1024), "8", str(2 * 1024 * 1024 // 512)]
 
 
 def test_tex_environment_is_locked_down(tmp_path):
-    env = R._tex_env(tmp_path)
+    env = tex_env(tmp_path)
     assert env["openin_any"] == env["openout_any"] == "p" and env["shell_escape"] == "f"
     assert env["HOME"] == str(tmp_path) and "TEXINPUTS" not in env
 
@@ -242,6 +244,9 @@ def test_render_to_dir_writes_skips_and_reports(tmp_path, solo):
     out = tmp_path / "images"
     out.mkdir()
     Image.new("L", (3, 3), 7).save(out / "b.png")  # already there: must be kept
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (out / f".c.png.{dead.pid}-0badc0de.tmp").write_bytes(b"half")  # a killed render's
     formulas = [GOOD[0], GOOD[1], r"\frac { a", GOOD[5]]
     names = ["a", "b", "broken", "d"]
     report = render_to_dir(formulas, names, out, FAST, progress=False)
@@ -249,7 +254,7 @@ def test_render_to_dir_writes_skips_and_reports(tmp_path, solo):
     assert report.failed_names == ["broken"] and "broken" in report.errors
     assert same(read_gray_png(out / "a.png"), solo[GOOD[0]])
     assert read_gray_png(out / "b.png").shape == (3, 3)
-    assert sorted(os.listdir(out)) == ["a.png", "b.png", "d.png"]  # no temp files
+    assert sorted(os.listdir(out)) == ["a.png", "b.png", "d.png"]  # no temp files, none left
     again = render_to_dir(formulas, names, out, FAST, progress=False)
     assert (again.rendered, again.skipped, again.failed) == (0, 3, 1)
     with pytest.raises(ValueError):

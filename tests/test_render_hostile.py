@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from data import render as R
-from data import sandbox
+from data import render_batches, sandbox, tex_process
+from data.tex_document import Geometry
 
 pytestmark = pytest.mark.skipif(
     shutil.which("pdflatex") is None or shutil.which("gs") is None,
@@ -92,7 +93,7 @@ def leaked(img: np.ndarray | None) -> bool:
 def logs(monkeypatch) -> list[str]:
     """Every TeX log of the test, read before the work folder is wiped."""
     seen: list[str] = []
-    run_tex = R._run_tex
+    run_tex = render_batches.run_tex
 
     def spy(formulas, geometry, opts, workdir):
         run = run_tex(formulas, geometry, opts, workdir)
@@ -100,7 +101,7 @@ def logs(monkeypatch) -> list[str]:
         seen.append(log.read_text(errors="replace") if log.exists() else "")
         return run
 
-    monkeypatch.setattr(R, "_run_tex", spy)
+    monkeypatch.setattr(render_batches, "run_tex", spy)  # where _compile_pages finds it
     return seen
 
 
@@ -116,7 +117,7 @@ def test_behind_the_screen_tex_reads_and_writes_nothing(secret, logs):
     """The screen bypassed: TeX's limits and the sandbox alone keep every file out."""
     evil = attacks(secret)
     good = r"x ^ { 2 }"
-    results = R._render_batch(list(enumerate([good, *evil, good])), FAST)
+    results = render_batches.render_batch(list(enumerate([good, *evil, good])), FAST)
     (ref,) = R.render_formulas([good], FAST)
     for i, f in enumerate(evil, 1):
         assert not leaked(results[i].image), f
@@ -138,13 +139,13 @@ def _read_first_line(path: str) -> str:
 @pytest.mark.parametrize("use_sandbox", [True, False])
 def test_only_the_sandbox_keeps_absolute_paths_out(tmp_path, secret, monkeypatch, use_sandbox):
     """kpathsea's openin_any lifted and the screen bypassed: what can TeX still open?"""
-    env = R._tex_env
-    monkeypatch.setattr(R, "_tex_env", lambda w: {**env(w), "openin_any": "a"})
+    env = tex_process.tex_env
+    monkeypatch.setattr(tex_process, "tex_env", lambda w: {**env(w), "openin_any": "a"})
     work = tmp_path / "work"
     work.mkdir()
     targets = ["/etc/passwd", str(secret), str(Path(__file__).resolve())]
     opts = dataclasses.replace(FAST, sandbox=use_sandbox)
-    R._run_tex([_read_first_line(t) for t in targets], R._Geometry(), opts, work)
+    tex_process.run_tex([_read_first_line(t) for t in targets], Geometry(), opts, work)
     log = (work / "batch.log").read_text(errors="replace")
     opened = ["root:x:0" in log, WORD in log, "Hostile formulas" in log]
     if use_sandbox:

@@ -11,6 +11,7 @@ from data.build import image_stem
 from data.layout import FORMULAS_FILE, IMAGES_DIR, read_lines, split_file
 from data.render import RenderOptions, render_formulas
 from data.styles import DEFAULT_STYLE, STYLES, Style, get_style, parse_styles, styles_for
+from data.tex_document import Geometry, make_document
 from tests.conftest import HAVE_TEX, run_script
 
 needs_tex = pytest.mark.skipif(not HAVE_TEX, reason="needs pdflatex and gs")
@@ -77,7 +78,7 @@ def test_cm_is_the_default_and_unchanged(rendered):
     assert RenderOptions().style == DEFAULT_STYLE == "cm"
     historic = "\\documentclass[12pt]{article}\n\\pagestyle{empty}\n\\usepackage[cmex10]{amsmath}\n"
     assert get_style("cm").preamble() == historic == R.PREAMBLE
-    document = R._document([FORMULA], "n", R._Geometry(), 200, get_style("cm"))
+    document = make_document([FORMULA], "n", Geometry(), 200, get_style("cm"))
     assert "\\textstyle" not in document and "sansmath" not in document
     (plain,) = render_formulas([FORMULA], FAST)
     (named,) = render_formulas([FORMULA], FAST, style="cm")
@@ -95,7 +96,7 @@ def test_unknown_style_names_the_valid_ones():
     assert parse_styles("cm, times,cm") == ["cm", "times"]
     odd = RenderOptions(style=Style("odd", dpi=150))  # 150 dpi: no integer shrink to 100
     with pytest.raises(ValueError, match="no integer multiple"):
-        R._effective(odd)
+        R.effective_options(odd)
 
 
 def test_styles_per_formula_are_seeded_spread_and_bounded():
