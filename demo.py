@@ -26,6 +26,7 @@ import argparse
 import random
 import secrets
 import sys
+import textwrap
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -227,20 +228,26 @@ def shown(path: Path) -> str:
         return str(path)
 
 
+def intro(cfg: DemoConfig, count: int) -> str:
+    """What the table shows and how it was made, wrapped for a terminal."""
+    text = (f"The model {shown(cfg.model_path)} reads {count} IM2LATEX-100K test formulas it "
+            f"never trained on, drawn at random from {shown(cfg.formulas)} with seed {cfg.seed}. "
+            "Each is rendered now in the training look (Computer Modern) and made into a "
+            f"screenshot-like image ({CONDITIONS['screenshot'].description}); both files are "
+            f"read as inference.py reads yours, beam {cfg.beam_size}. score: token edit "
+            "similarity to the truth (percent); exact: every token right; picture: the reading "
+            "typeset again is the truth's render, pixel columns equal.")
+    again = f"The same formulas again: python demo.py --seed {cfg.seed} --count {cfg.count}"
+    return f"{textwrap.fill(text, 100)}\n{again}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = get_config(argv)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
         truths = draw(read_formula_file(cfg.formulas), cfg.count, cfg.seed)
-        print(f"The model {shown(cfg.model_path)} reads {len(truths)} IM2LATEX-100K test "
-              f"formulas it never trained on, drawn at random from {shown(cfg.formulas)} with "
-              f"seed {cfg.seed} (python demo.py --seed {cfg.seed} --count {cfg.count} draws "
-              "them again). Each is rendered now in the training look (Computer Modern) and made "
-              f"into a screenshot-like image ({CONDITIONS['screenshot'].description}); both "
-              f"files are read as inference.py reads yours, beam {cfg.beam_size}. score: token "
-              "edit similarity to the truth (percent); exact: every token right; picture: the "
-              "reading typeset again is the truth's render, pixel columns equal.\n", flush=True)
+        print(intro(cfg, len(truths)), flush=True)
         start = time.perf_counter()
         examples = make_files(truths, cfg.seed)
         read_all(examples, cfg)
