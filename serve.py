@@ -62,6 +62,8 @@ ROOT = Path(__file__).resolve().parent
 WEB_DIR = ROOT / "web"
 MAX_BEAM = 10
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries, part headers and the beam_size field
+IMAGE_FIELD = "The formula image (PNG, JPEG, GIF, BMP, TIFF, WebP); give this or `file`"
+FILE_FIELD = "The same as `image`, under the name pix2tex's API uses; give one of the two"
 NOT_AN_IMAGE = "not a readable image: upload a PNG, JPEG, GIF, BMP, TIFF or WebP file"
 # The page loads its own script, style and images only: nothing from the network.
 PAGE_HEADERS = {
@@ -289,8 +291,10 @@ class UploadReader:
     """Image bytes to a prediction and its rendering; runs in the pool's threads. Each failure
     has its HTTP status: 415 for what is not an image, 422 for an image without a formula."""
 
-    def __init__(self, reader: Reader, config: ServeConfig) -> None:
-        self.reader, self.config = reader, config
+    def __init__(self, model: Im2Latex, vocab: Vocab, config: ServeConfig) -> None:
+        self.reader = Reader(backend=TorchBackend(model, vocab, config.device),
+                             beam_size=config.beam_size, max_len=config.max_len)
+        self.config = config
 
     def __call__(self, data: bytes, beam_size: int) -> tuple[str, float, str | None]:
         check_pixels(data, self.config.max_pixels)
@@ -329,9 +333,7 @@ def _declared_type_ok(content_type: str | None) -> bool:
 def create_app(model: Im2Latex, vocab: Vocab, config: ServeConfig = ServeConfig()) -> FastAPI:
     """The page and the API around one loaded model; all state lives in this app."""
     pool = JobPool(config.threads, config.queue)
-    reader = Reader(backend=TorchBackend(model, vocab, config.device), beam_size=config.beam_size,
-                    max_len=config.max_len)
-    decode = UploadReader(reader, config)
+    decode = UploadReader(model, vocab, config)
     model_info = ModelInfo(name=config.model_name, vocab_size=len(vocab),
                            parameters=sum(p.numel() for p in model.parameters()),
                            device=str(config.device))
@@ -352,12 +354,8 @@ def create_app(model: Im2Latex, vocab: Vocab, config: ServeConfig = ServeConfig(
     @app.post("/api/predict", response_model=PredictResponse, responses=ERRORS,
               summary="Read the LaTeX of a formula image")
     async def predict_image(
-        image: Annotated[UploadFile | None, File(description="The formula image (PNG, JPEG, "
-                                                             "GIF, BMP, TIFF, WebP); give this "
-                                                             "or `file`")] = None,
-        file: Annotated[UploadFile | None, File(description="The same as `image`, under the "
-                                                            "name pix2tex's API uses; give "
-                                                            "one of the two")] = None,
+        image: Annotated[UploadFile | None, File(description=IMAGE_FIELD)] = None,
+        file: Annotated[UploadFile | None, File(description=FILE_FIELD)] = None,
         beam_size: Annotated[int, Form(ge=1, le=MAX_BEAM, description="Beam width; 1 is "
                                        "greedy decoding")] = config.beam_size,
     ) -> PredictResponse:
