@@ -25,10 +25,13 @@ def clone_without_shared(dest: Path) -> Path:
     clone is: whatever the demo reads must come with the repository."""
     repo = dest / "repo"
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for folder in ("data", "model", "im2latex", "checkpoints", "web"):
-        shutil.copytree(ROOT / folder, repo / folder, ignore=ignore)
-    for script in ROOT.glob("*.py"):
-        shutil.copy(script, repo / script.name)
+    packages = [d for d in ROOT.iterdir() if (d / "__init__.py").is_file() and d.name != "tests"]
+    for folder in [*packages, ROOT / "web"]:
+        shutil.copytree(folder, repo / folder.name, ignore=ignore)
+    (repo / "checkpoints").mkdir()
+    for f in [*ROOT.glob("*.py"), *(ROOT / "checkpoints").glob("*.*")]:  # not the ONNX folder
+        if f.is_file():
+            shutil.copy(f, repo / f.relative_to(ROOT))
     assert not (repo.parent / "shared").exists()
     return repo
 
