@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from data.files import atomic_write
 from data.image import ImageError, read_user_image
 from data.layout import FORMULAS_FILE, read_lines, read_matching, read_split
 from data.metrics import image_scores, text_scores
@@ -134,8 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     hyps = [p.latex for p in preds]
 
     for path, lines in ((args.ref_path, refs), (args.result_path, hyps)):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        atomic_write(path, "".join(line + "\n" for line in lines))
 
     scores = text_scores(refs, hyps)
     print(f"images: {len(refs)}")
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         scores.update(images=len(refs), beam_size=args.beam_size, normalized=normalize_them,
                       model_path=str(args.model_path), mean_score=float(np.mean(
                           [p.score for p in preds])))
-        Path(args.metrics_path).write_text(json.dumps(scores, indent=2) + "\n")
+        atomic_write(args.metrics_path, json.dumps(scores, indent=2) + "\n")
     return 0
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data.files import atomic_write
 from data.image import IMAGE_SUFFIXES, ImageError, read_user_image
 from data.normalize import NormalizeError, normalize
 from im2latex.api import BACKENDS, DEFAULT_ONNX_DIR, Reader
@@ -143,7 +144,7 @@ def load_reader(args: argparse.Namespace) -> Reader:
 
 def write_json(path: str, results: list[dict], failures: list[tuple[str, str]]) -> None:
     doc = {"results": results, "errors": [{"name": n, "error": m} for n, m in failures]}
-    Path(path).write_text(json.dumps(doc, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    atomic_write(path, json.dumps(doc, ensure_ascii=False, indent=1) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
