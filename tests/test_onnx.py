@@ -1,10 +1,13 @@
 """The ONNX export and the torch-free runtime: the same tokens as the PyTorch path, greedy and
 beam, on a tiny random model and on the shipped one; a process where `import torch` fails reads
-formulas; the shipped ONNX folder is the shipped .pt's export; exports are all-or-nothing."""
+formulas; the shipped ONNX folder is the shipped .pt's export, with its calibration; exports
+are all-or-nothing and carry the source's calibration only when it was made for its weights."""
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,11 +17,14 @@ import pytest
 import torch
 
 from data.vocab import SPECIALS, Vocab
-from im2latex.onnx_backend import META, OnnxBackend, OnnxModelError, read_meta
+from im2latex import Reader
+from im2latex.confidence import calibration_path
+from im2latex.onnx_backend import CALIBRATION, META, OnnxBackend, OnnxModelError, read_meta
 from model import Im2Latex, ModelConfig
 from model.checkpoint import DEFAULT_MODEL, content_digest, load_checkpoint, save_checkpoint
 from model.predict import predict
 from tests.conftest import HAVE_TEX, ROOT, run_script
+from tests.test_confidence import write_calibration
 from tests.test_shipped_model import FORMULAS
 
 SHIPPED_ONNX = ROOT / "checkpoints" / "im2latex_onnx"
@@ -33,7 +39,8 @@ def _images(shapes: list[tuple[int, int]], seed: int = 0) -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> tuple[Path, Path]:
-    """(checkpoint, ONNX folder) of a tiny random model, exported through the CLI."""
+    """(checkpoint, ONNX folder) of a tiny random model with a calibration made for it,
+    exported through the CLI."""
     d = tmp_path_factory.mktemp("onnx_tiny")
     torch.manual_seed(0)
     vocab = Vocab(list(SPECIALS) + [f"t{i}" for i in range(12)])
@@ -45,8 +52,9 @@ def tiny(tmp_path_factory) -> tuple[Path, Path]:
         model.decoder.W_out.weight.mul_(5)
     save_checkpoint({"model": model.state_dict(), "model_config": cfg.to_dict(),
                      "vocab": vocab.to_dict()}, d / "tiny.pt")
+    write_calibration(d / "tiny.pt", content_digest(load_checkpoint(d / "tiny.pt")))
     out = run_script("export_model.py", d / "tiny.pt", "--onnx", d / "onnx")
-    assert "exported ONNX graphs" in out.stdout
+    assert "exported ONNX graphs" in out.stdout and "with its calibration" in out.stdout
     return d / "tiny.pt", d / "onnx"
 
 
@@ -110,6 +118,40 @@ def test_torch_free_process_reads_images(tiny, tmp_path):
     assert json.loads(out.stdout) == want
 
 
+def test_the_export_carries_the_calibration_and_both_backends_report_the_same_confidence(tiny):
+    ckpt, onnx_dir = tiny
+    assert (onnx_dir / CALIBRATION).read_bytes() == calibration_path(ckpt).read_bytes()
+    images = _images([(40, 160), (50, 120), (40, 160)], seed=3)
+    for beam in (1, 3):
+        by_torch, by_onnx = (Reader(path, backend=kind, beam_size=beam, max_len=12).decode(images)
+                             for path, kind in ((ckpt, "torch"), (onnx_dir, "onnx")))
+        assert [p.latex for p in by_onnx] == [p.latex for p in by_torch]
+        assert all(p.confidence is not None for p in by_torch + by_onnx)
+        np.testing.assert_allclose([p.confidence for p in by_onnx],
+                                   [p.confidence for p in by_torch], atol=1e-6)
+
+
+def test_a_calibration_for_other_weights_is_neither_exported_nor_applied(tiny, tmp_path):
+    from im2latex import onnx_export
+
+    ckpt, onnx_dir = tiny
+    other = tmp_path / "copy"
+    shutil.copytree(onnx_dir, other)
+    doc = json.loads((other / CALIBRATION).read_text())
+    (other / CALIBRATION).write_text(json.dumps({**doc, "model_sha256": "0" * 64}))
+    backend = OnnxBackend(other, threads=1)
+    assert backend.calibration is None and "other weights" in backend.calibration_note
+    pred = Reader(backend=backend, max_len=12).decode(_images([(40, 160)]))[0]
+    assert pred.confidence is None
+
+    moved = tmp_path / "model.pt"  # the checkpoint beside another model's calibration
+    shutil.copyfile(ckpt, moved)
+    shutil.copyfile(other / CALIBRATION, calibration_path(moved))
+    meta = onnx_export.export_onnx(moved, tmp_path / "onnx")
+    assert not meta["calibrated"] and "other weights" in meta["calibration_note"]
+    assert not (tmp_path / "onnx" / CALIBRATION).exists()
+
+
 def test_export_is_all_or_nothing(tiny, tmp_path, monkeypatch):
     from im2latex import onnx_export
 
@@ -152,6 +194,8 @@ def test_shipped_onnx_is_the_export_of_the_shipped_checkpoint():
         f"im2latex.pt; re-export it: {REEXPORT}")
     assert meta["model_config"] == ckpt["model_config"]
     assert (SHIPPED_ONNX / META).is_file()
+    assert (SHIPPED_ONNX / CALIBRATION).read_bytes() == calibration_path(
+        DEFAULT_MODEL).read_bytes(), f"the shipped calibration changed: re-export, {REEXPORT}"
 
 
 @pytest.mark.skipif(not HAVE_TEX, reason="needs pdflatex and gs")
@@ -168,3 +212,19 @@ def test_shipped_onnx_same_tokens_as_pytorch_on_rendered_formulas():
                           max_len=150, batch_size=4)
         assert [p.latex for p in got] == [p.latex for p in want]
         assert sum(p.latex == f for p, f in zip(got, FORMULAS)) >= 6  # it reads them, too
+
+
+@pytest.mark.skipif(not HAVE_TEX, reason="needs pdflatex and gs")
+def test_speed_bench_runs_both_backends(tmp_path):
+    out = run_script("bench/onnx_speed.py", "--n", "3", "--latency", "2", "--warmup", "1",
+                     "--batch", "2", "--beam_size", "2", "--threads", "1",
+                     "--formulas", tmp_path / "absent.txt")  # generated formulas instead
+    lines = out.stdout.strip().splitlines()
+    assert "of generated formulas" in lines[0]
+    assert [ln.split()[0] for ln in lines[1:3]] == ["torch", "onnx"]
+    m = re.match(r"onnx_speed: greedy latency torch [\d.]+ ms, onnx [\d.]+ ms \([\d.]+x\); "
+                 r"throughput greedy [\d.]+x, beam2 [\d.]+x; peak RSS single-image torch \d+ MB, "
+                 r"onnx \d+ MB \([\d.]+\), with batches [\d.]+; identical tokens greedy "
+                 r"([\d.]+)%, beam ([\d.]+)%$", lines[-1])
+    assert m, lines[-1]
+    assert 0 <= float(m[1]) <= 100 and 0 <= float(m[2]) <= 100
