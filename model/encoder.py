@@ -30,16 +30,18 @@ def _conv(c_in: int, c_out: int, padding: int = 1, batch_norm: bool = True) -> l
 class Encoder(nn.Module):
     """Images B x C_in x H x W (float) -> features B x out_dim x H' x W'.
 
-    `widths` are the channels of the first four convolutions; the fifth outputs `out_dim`.
+    `widths` are the channels of the first four convolutions; the fifth outputs `out_dim`
+    (ModelConfig holds the defaults of all three).
     The last convolution has no padding, so images must be at least 18 pixels high and 6 wide.
     """
 
     def __init__(
         self,
-        widths: tuple[int, ...] = (64, 128, 256, 256),
-        out_dim: int = 512,
+        widths: tuple[int, ...],
+        out_dim: int,
         in_channels: int = 1,
-        batch_norm: bool = True,
+        *,
+        batch_norm: bool,
     ):
         super().__init__()
         if len(widths) != 4:

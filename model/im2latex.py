@@ -11,7 +11,7 @@ memory-bound and its sigmoid is slower in bf16).  The CNN is about half the trai
 runs ~2x faster in bf16 on CPUs with AVX512-BF16 or AMX.  On CUDA with fp16 use a GradScaler.
 """
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -26,15 +26,24 @@ from model.search import MAX_LEN, Decoded, beam_search, greedy_search
 
 @dataclass
 class ModelConfig:
+    """The model's shape. Its defaults are the only ones: train.py's flags are made from these
+    fields (the `help` of a field's metadata is its flag's), and Encoder and Decoder take every
+    size from here."""
+
     vocab_size: int
     emb_dim: int = 80
     dec_rnn_h: int = 512
     enc_out_dim: int = 512
-    cnn_widths: tuple[int, ...] = (64, 128, 256, 256)
+    cnn_widths: tuple[int, ...] = field(default=(64, 128, 256, 256), metadata={
+        "help": "channels of the first four conv layers (the fifth is --enc_out_dim)"})
     add_position_features: bool = False
     dropout: float = 0.0
-    image_scale: float = 1.0  # the encoder first resizes its input by this factor
-    batch_norm: bool = True  # batch norm after each conv (model/encoder.py says why)
+    image_scale: float = field(default=1.0, metadata={
+        "help": "the encoder resizes images by this factor first (0.5: ~4x cheaper)"})
+    batch_norm: bool = field(default=True, metadata={
+        "help": "without: the plain conv stack, as luopeixiang/im2latex (with batch norm, an "
+                "out-of-memory retry in micro-batches is not exactly the whole batch; "
+                "model/encoder.py says why it is the default)"})
 
     def to_dict(self) -> dict:
         """Plain types only, so checkpoints load with torch.load(weights_only=True)."""

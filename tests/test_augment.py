@@ -15,6 +15,7 @@ from data.image import ImageError, ink_bbox
 from data.vocab import Vocab
 from model.checkpoint import load_checkpoint
 from tests.conftest import TINY_MODEL
+from training.config import parse_args
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +130,7 @@ def test_levels_parse_and_bad_ones_fail_clearly(capsys):
         with pytest.raises(ValueError):
             parse_level(bad)
     with pytest.raises(SystemExit) as e:
-        train.get_args(["--data_path", "x", "--save_dir", "y", "--augment", "heavy"])
+        parse_args(["--data_path", "x", "--save_dir", "y", "--augment", "heavy"])
     assert e.value.code == 2 and "--augment" in capsys.readouterr().err
 
 

@@ -10,9 +10,10 @@ import torch
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import train
 from model import Im2Latex, ModelConfig
 from model.batch_norm import GlobalBatchNorm2d, to_global_batch_norm
+from training.distributed import Dist
+from training.loop import train_step
 
 TINY = dict(vocab_size=20, emb_dim=16, dec_rnn_h=24, enc_out_dim=32, cnn_widths=(8, 16, 16, 16))
 PAD = 0
@@ -32,7 +33,7 @@ def _batch(n: int = 3) -> dict:
 
 
 def _step(model, batch, d) -> dict[str, torch.Tensor]:
-    train.train_step(model, batch, 1.0, d, PAD, chunks=1, amp=False)
+    train_step(model, batch, 1.0, d, PAD, chunks=1, amp=False)
     return {k: p.grad.clone() for k, p in getattr(model, "module", model).named_parameters()}
 
 
@@ -40,7 +41,7 @@ def _rank(rank: int, port: int, split: int, out: str) -> None:
     os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
     torch.set_num_threads(1)
-    d = train.Dist("cpu")
+    d = Dist("cpu")
     try:
         model = to_global_batch_norm(_model())
         part = slice(0, split) if rank == 0 else slice(split, None)
@@ -61,7 +62,7 @@ def _free_port() -> int:
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo over loopback")
 @pytest.mark.parametrize("split", [2, 3])  # rank 1 holds 1 image, or none
 def test_two_ranks_compute_the_whole_batchs_gradients_and_statistics(split, tmp_path):
-    class One:  # train.Dist of a single process
+    class One:  # training.distributed.Dist of a single process
         world, rank, main, device = 1, 0, True, torch.device("cpu")
 
         @staticmethod

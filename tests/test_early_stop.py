@@ -3,7 +3,7 @@ of the best selected figure, a run whose figure stops improving ends by itself, 
 resumed stops at the same epoch with the same best.pt, and checkpoints saved before these flags
 still resume.
 
-The validation figures are scripted (train.validate replaced in-process) so that the loss and
+The validation figures are scripted (train.py's validate replaced in-process) so that the loss and
 the accuracy disagree, as they do once a small fine-tuning set is overfitted."""
 
 import contextlib
@@ -17,6 +17,8 @@ import pytest
 import torch
 
 import train
+import training.loop
+import training.state
 from model.checkpoint import load_checkpoint, save_checkpoint
 from tests.test_train_state import Killed, _one_thread, log_rows, run  # noqa: F401 (fixture)
 
@@ -82,7 +84,7 @@ def test_a_run_that_stops_improving_ends_by_itself(stopped):
 def killer(monkeypatch: pytest.MonkeyPatch, where: str) -> None:
     """Raise Killed at the first save of the 4th epoch (mid-epoch), or just before the log row
     of the epoch the run stops after (last.pt of that epoch written, the stop not yet made)."""
-    save, write_log = train.save_checkpoint, train.write_log
+    save, write_log = training.state.save_checkpoint, training.loop.write_log
 
     def killed_save(state, path):
         if where == "mid-epoch" and state["epoch"] == 3 and state["step_in_epoch"]:
@@ -94,8 +96,8 @@ def killer(monkeypatch: pytest.MonkeyPatch, where: str) -> None:
             raise Killed
         write_log(save_dir, row)
 
-    monkeypatch.setattr(train, "save_checkpoint", killed_save)
-    monkeypatch.setattr(train, "write_log", killed_log)
+    monkeypatch.setattr(training.state, "save_checkpoint", killed_save)
+    monkeypatch.setattr(training.loop, "write_log", killed_log)
 
 
 @pytest.mark.parametrize("where", ["mid-epoch", "log"])

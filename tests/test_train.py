@@ -13,6 +13,7 @@ from data.vocab import Vocab
 from model import Im2Latex
 from model.checkpoint import load_checkpoint, load_model
 from tests.conftest import ROOT, TINY_MODEL, run_script
+from training.config import TrainConfig
 
 COMMON = [*TINY_MODEL, "--batch_size", "8", "--workers", "0", "--quiet", "--threads", "1",
           "--dropout", "0.2", "--sample_method", "inv_sigmoid", "--decay_k", "5"]
@@ -78,7 +79,7 @@ def test_a_new_lr_on_resume_replaces_the_saved_one(tiny_dataset, tmp_path):
     """The optimizer state holds the old rate; lowering it by hand on resume must take effect."""
     run_script("train.py", "--data_path", tiny_dataset, "--save_dir", tmp_path, *COMMON,
                "--epoches", "1", "--lr", "1e-3", "--clip", "1.5")
-    default = train.get_parser().get_default("lr")  # given explicitly, the default counts too
+    default = TrainConfig.lr  # given explicitly, the default counts too
     p = run_script("train.py", "--data_path", tiny_dataset, "--save_dir", tmp_path, *COMMON,
                    "--epoches", "2", "--from_check_point", "--lr", str(default))
     assert f"--lr changed from 0.001 to {default}" in p.stdout

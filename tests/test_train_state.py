@@ -16,6 +16,8 @@ import torch
 from PIL import Image
 
 import train
+import training.loop
+import training.state
 from model.checkpoint import (
     _CONFIG_FIELDS,
     DEFAULT_MODEL,
@@ -80,7 +82,7 @@ def test_a_kill_between_the_epoch_end_writes_resumes_to_the_uninterrupted_best_a
     on epoch 1, so a kill before its best.pt leaves epoch 1's, which resume must replace."""
     rows = log_rows(reference)
     assert float(rows[1]["val_loss"]) < float(rows[0]["val_loss"])  # epoch 2 writes best.pt
-    save, write_log = train.save_checkpoint, train.write_log
+    save, write_log = training.state.save_checkpoint, training.loop.write_log
 
     def killed_save(state, path):
         if state["epoch"] == epoch and not state["step_in_epoch"] and Path(path).name == \
@@ -93,12 +95,12 @@ def test_a_kill_between_the_epoch_end_writes_resumes_to_the_uninterrupted_best_a
             raise Killed
         write_log(save_dir, row)
 
-    monkeypatch.setattr(train, "save_checkpoint", killed_save)
-    monkeypatch.setattr(train, "write_log", killed_log)
+    monkeypatch.setattr(training.state, "save_checkpoint", killed_save)
+    monkeypatch.setattr(training.loop, "write_log", killed_log)
     with pytest.raises(Killed):
         run(tiny_dataset, tmp_path, "--epoches", "2", "--save_every", "4")
-    monkeypatch.setattr(train, "save_checkpoint", save)
-    monkeypatch.setattr(train, "write_log", write_log)
+    monkeypatch.setattr(training.state, "save_checkpoint", save)
+    monkeypatch.setattr(training.loop, "write_log", write_log)
     assert run(tiny_dataset, tmp_path, "--epoches", "2", "--from_check_point") == 0
     assert log_rows(tmp_path) == rows
     for name in ("best.pt", "last.pt"):
@@ -227,13 +229,13 @@ def test_a_checkpoint_from_before_checksums_still_loads(tmp_path):
 
 def test_a_non_finite_loss_stops_training_before_the_step(tiny_dataset, tmp_path, monkeypatch,
                                                           capsys):
-    loss_sum, calls = train.token_loss_sum, [0]
+    loss_sum, calls = training.loop.token_loss_sum, [0]
 
     def nan_from_step_4(*a, **k):
         calls[0] += 1
         return loss_sum(*a, **k) * (math.nan if calls[0] >= 4 else 1.0)
 
-    monkeypatch.setattr(train, "token_loss_sum", nan_from_step_4)
+    monkeypatch.setattr(training.loop, "token_loss_sum", nan_from_step_4)
     assert run(tiny_dataset, tmp_path, "--max_steps", "8", "--save_every", "3") == 1
     err = capsys.readouterr().err
     assert "training loss became nan at step 4 (epoch 1)" in err, err
