@@ -39,7 +39,10 @@ def main(argv: list[str] | None = None) -> int:
             meta = export_onnx(args.dst or args.src, args.onnx)
             size = sum(f.stat().st_size for f in Path(args.onnx).iterdir()) / 2**20
             print(f"exported ONNX graphs -> {args.onnx} ({size:.1f} MiB; largest log-prob "
-                  f"difference from PyTorch on test images {meta['max_diff']:.1e})")
+                  f"difference from PyTorch on test images {meta['max_diff']:.1e}"
+                  f"{'; with its calibration' if meta['calibrated'] else ''})")
+            if meta["calibration_note"]:
+                print(f"note: {meta['calibration_note']}", file=sys.stderr)
     except (CheckpointError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

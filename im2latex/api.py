@@ -17,6 +17,7 @@ and the ONNX Runtime backend (im2latex/onnx_backend.py) never does.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Protocol, overload
 
@@ -25,6 +26,7 @@ from PIL import Image
 
 from data.image import ImageError, ImageSource, read_user_image
 from data.vocab import Vocab
+from im2latex.confidence import Calibration, calibration_path, find_calibration
 from im2latex.decoding import MAX_LEN, shape_batches
 from im2latex.prediction import Prediction
 
@@ -42,9 +44,13 @@ _SOURCES = (str, Path, bytes, Image.Image, np.ndarray)
 
 class Backend(Protocol):
     """A loaded model that decodes model inputs (uint8 H x W, data.image.model_input): grouped
-    by shape into batches of at most `batch_size`, results in input order."""
+    by shape into batches of at most `batch_size`, results in input order. `calibration`: the
+    curve made for these weights (im2latex/confidence.py), None without one; `calibration_note`:
+    why a calibration file found beside the model was not used (None: nothing to report)."""
 
     vocab: Vocab
+    calibration: Calibration | None
+    calibration_note: str | None
 
     def predict(self, images: Sequence[np.ndarray], *, beam_size: int, max_len: int,
                 batch_size: int) -> list[Prediction]: ...
@@ -53,21 +59,33 @@ class Backend(Protocol):
 class TorchBackend:
     """model.predict.predict on a model loaded once; torch is imported when one is built."""
 
-    def __init__(self, model, vocab: Vocab, device: str = "cpu") -> None:
+    def __init__(self, model, vocab: Vocab, device: str = "cpu",
+                 calibration: Calibration | None = None, calibration_note: str | None = None
+                 ) -> None:
         self.model, self.vocab, self.device = model, vocab, device
+        self.calibration, self.calibration_note = calibration, calibration_note
 
     @classmethod
     def load(cls, model_path: str | Path | None = None, device: str | None = "cpu"
              ) -> TorchBackend:
         """The checkpoint (.pt or run folder; None: the shipped model) on `device` (None: CUDA
-        when there is one). CheckpointError/VocabError (ValueErrors) for a bad file."""
+        when there is one), with the calibration beside it when it was made for these weights.
+        CheckpointError/VocabError (ValueErrors) for a bad file."""
         import torch
 
-        from model.checkpoint import DEFAULT_MODEL, load_model
+        from model.checkpoint import (
+            DEFAULT_MODEL,
+            content_digest,
+            load_checkpoint,
+            model_from_checkpoint,
+        )
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model, vocab = load_model(model_path or DEFAULT_MODEL, device=device)
-        return cls(model, vocab, device)
+        path = model_path or DEFAULT_MODEL
+        ckpt = load_checkpoint(path)  # verified against its digest, which it then drops
+        digest = content_digest(ckpt)  # = that digest (computed for a file from before them)
+        model, vocab = model_from_checkpoint(ckpt, source=str(path), device=device)
+        return cls(model, vocab, device, *find_calibration(calibration_path(path), digest))
 
     def predict(self, images: Sequence[np.ndarray], *, beam_size: int, max_len: int,
                 batch_size: int) -> list[Prediction]:
@@ -105,7 +123,9 @@ class Reader:
 
     `reader(x)` for one image gives a Prediction (`.latex`: the model's tokens separated by
     spaces, as inference.py prints them; `.score`: the mean log-probability of those tokens,
-    </s> included, <= 0, higher is surer). `reader([x, y, ...])` gives a list, in order,
+    </s> included, <= 0, higher is surer; `.confidence`: the chance, measured on validation
+    images, that such a reading is exactly right, or None for a model without a calibration
+    made for its weights: see `calibration_note`). `reader([x, y, ...])` gives a list, in order,
     decoded in batches of images of one size. An image is a path, the bytes of a file, a PIL
     image or a numpy array (H x W gray or H x W x 3/4 RGB(A); uint8, or float in [0, 1]).
 
@@ -130,6 +150,17 @@ class Reader:
     @property
     def vocab(self) -> Vocab:
         return self.backend.vocab
+
+    @property
+    def calibration(self) -> Calibration | None:
+        """The curve behind `Prediction.confidence`; None: confidences are None."""
+        return getattr(self.backend, "calibration", None)  # a Backend of one's own may lack it
+
+    @property
+    def calibration_note(self) -> str | None:
+        """Why a calibration file beside the model was refused (other weights, malformed), for
+        scripts to print; None when one is used or there is none."""
+        return getattr(self.backend, "calibration_note", None)
 
     @overload
     def __call__(self, inputs: ImageSource, *, beam_size: int | None = None) -> Prediction: ...
@@ -164,10 +195,14 @@ class Reader:
         and its place holds None; without `on_error` the error is raised. `on_batch(n)` is
         called after each batch of n images, for progress bars."""
         def run(idx: list[int]) -> list[Prediction]:
-            return self.backend.predict([images[i] for i in idx], beam_size=beam,
-                                        max_len=self.max_len, batch_size=self.batch_size)
+            preds = self.backend.predict([images[i] for i in idx], beam_size=beam,
+                                         max_len=self.max_len, batch_size=self.batch_size)
+            if calibration is None:
+                return preds
+            return [replace(p, confidence=calibration.probability(p.score, beam)) for p in preds]
 
         beam = self.beam_size if beam_size is None else _at_least_1("beam_size", beam_size)
+        calibration = self.calibration
         out: list[Prediction | None] = [None] * len(images)
         for chunk in shape_batches(images, self.batch_size):
             try:

@@ -144,3 +144,17 @@ def load_calibration(path: str | Path, model_sha256: str) -> Calibration:
                                f"{cal.model_sha256[:12]}..., this model {model_sha256[:12]}...); "
                                "rerun bench/confidence.py for this model")
     return cal
+
+
+def find_calibration(path: str | Path, model_sha256: str
+                     ) -> tuple[Calibration | None, str | None]:
+    """For a model being loaded: (the calibration at `path`, None) when it was made for these
+    weights; (None, None) when there is none (a model nobody calibrated: no figure, nothing to
+    say); (None, why) when a file is there but cannot be used (other weights, malformed), for
+    the caller to print or log once: a wrong curve is never applied."""
+    if not Path(path).exists():
+        return None, None
+    try:
+        return load_calibration(path, model_sha256), None
+    except CalibrationError as e:
+        return None, f"{e}; no calibrated confidence"

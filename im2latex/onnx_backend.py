@@ -25,14 +25,18 @@ import numpy as np
 import onnxruntime as ort
 
 from data.vocab import Vocab, VocabError
+from im2latex.confidence import find_calibration
 from im2latex.decoding import shape_batches
 from im2latex.prediction import Prediction
 
 ENCODER, DECODER_STEP, VOCAB, META = ("encoder.onnx", "decoder_step.onnx", "vocab.json",
                                       "onnx_model.json")
+# The source checkpoint's calibration (im2latex/confidence.py), copied in by the export when it
+# was made for those weights: the folder is then all a torch-free deployment needs.
+CALIBRATION = "calibration.json"
 FORMAT_VERSION = 1
 # model/search.py's default: the best hypothesis by score / length ** LENGTH_NORM, which with
-# 1.0 is the mean token log-probability, the confidence reported (it cannot be imported here).
+# 1.0 is the mean token log-probability, the score reported (it cannot be imported here).
 LENGTH_NORM = 1.0
 ENCODE_PIXELS = 2**16  # image pixels per encoder call (OnnxBackend.encode)
 GATES_BYTES = 4 * 2**20  # the attention's gates per decoder-step call (OnnxBackend.step)
@@ -76,7 +80,9 @@ def _session(path: Path, threads: int | None) -> ort.InferenceSession:
 
 
 class OnnxBackend:
-    """The two graphs and the vocabulary of an exported model, and decoding with them."""
+    """The two graphs and the vocabulary of an exported model, and decoding with them; the
+    calibration in the folder when it was made for the weights the graphs were exported from
+    (`calibration`, `calibration_note`: as im2latex.api.Backend)."""
 
     def __init__(self, onnx_dir: str | Path, *, threads: int | None = None):
         onnx_dir = Path(onnx_dir)
@@ -89,6 +95,9 @@ class OnnxBackend:
         if config.get("vocab_size") != len(self.vocab):
             raise OnnxModelError(f"{onnx_dir}: model has {config.get('vocab_size')} output "
                                  f"tokens but the vocabulary {len(self.vocab)}")
+        digest = self.meta.get("source_sha256")
+        self.calibration, self.calibration_note = find_calibration(
+            onnx_dir / CALIBRATION, digest if isinstance(digest, str) else "")
         self.encoder = _session(onnx_dir / ENCODER, threads)
         self.decoder_step = _session(onnx_dir / DECODER_STEP, threads)
 

@@ -7,8 +7,10 @@
 
 Batch, height and width are dynamic, and so is N, the rows per image (1 for greedy, K for beam
 search: the K hypotheses of an image share its keys and encoder output, as in model/search.py).
-Written next to them: vocab.json and onnx_model.json (model config, the source checkpoint's
-content digest, so a test can tell a stale export from a current one).
+Written next to them: vocab.json, onnx_model.json (model config, the source checkpoint's
+content digest, so a test can tell a stale export from a current one) and, when the source
+checkpoint has a calibration made for its weights beside it (im2latex/confidence.py), a copy of
+it as calibration.json, so the torch-free runtime reports the same calibrated confidence.
 
 The graphs compute what `Im2Latex._encode`, `Decoder.init_state` and `Decoder.step` compute, in
 export-friendly form: the decoder's attention is an autograd Function with a chunked scratch
@@ -37,7 +39,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from im2latex.confidence import calibration_path, find_calibration
 from im2latex.onnx_backend import (
+    CALIBRATION,
     DECODER_STEP,
     ENCODER,
     FORMAT_VERSION,
@@ -201,7 +205,9 @@ def check_export(folder: Path, model: Im2Latex, tolerance: float = 1e-3) -> floa
 
 def export_onnx(src: str | Path, dst: str | Path) -> dict:
     """Export checkpoint `src` into folder `dst` (replaced whole, never left half-written:
-    the folder is built under a temporary name, checked, then renamed into place) -> its meta."""
+    the folder is built under a temporary name, checked, then renamed into place) -> its meta,
+    plus `calibrated` (its calibration was copied) and `calibration_note` (why one found beside
+    `src` was not: made for other weights, malformed; None otherwise)."""
     dst = Path(dst)
     if dst.exists() and not (dst / META).is_file():
         raise OnnxModelError(f"{dst}: exists and is not an ONNX model folder; not replacing it")
@@ -222,10 +228,21 @@ def export_onnx(src: str | Path, dst: str | Path) -> dict:
         text = json.dumps(meta, indent=1) + "\n"
         atomic_write(tmp / META, lambda f: f.write(text.encode()))
         meta["max_diff"] = check_export(tmp, model)
+        meta["calibrated"], meta["calibration_note"] = _copy_calibration(src, digest, tmp)
         _replace_folder(tmp, dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return meta
+
+
+def _copy_calibration(src: str | Path, digest: str, folder: Path) -> tuple[bool, str | None]:
+    """Copy the calibration beside checkpoint `src` into `folder` when it was made for these
+    weights (the file as it is, so the two can be compared) -> (copied, why not)."""
+    path = calibration_path(src)
+    calibration, note = find_calibration(path, digest)
+    if calibration is not None:
+        shutil.copyfile(path, folder / CALIBRATION)  # synced with the rest by _replace_folder
+    return calibration is not None, note
 
 
 def _replace_folder(new: Path, dst: Path) -> None:

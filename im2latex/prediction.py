@@ -13,3 +13,6 @@ from dataclasses import dataclass
 class Prediction:
     latex: str
     score: float  # mean token log-probability of the chosen sequence (</s> included)
+    # The measured chance that `latex` is exactly right (im2latex/confidence.py), filled by
+    # im2latex.Reader; None where the model has no calibration made for its weights.
+    confidence: float | None = None

@@ -1,11 +1,13 @@
-"""The calibrated confidence: the runtime curve (im2latex/confidence.py) and the measures and
-fits of bench/confidence.py that make it."""
+"""The calibrated confidence: the runtime curve (im2latex/confidence.py), the measures and fits
+of bench/confidence.py that make it, and im2latex.Reader applying it only to the weights it was
+made for."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ import torch
 
 from bench import confidence as bench
 from data.vocab import SPECIALS, Vocab
+from im2latex import Reader
 from im2latex.confidence import (
     Calibration,
     CalibrationError,
@@ -21,7 +24,7 @@ from im2latex.confidence import (
     load_calibration,
 )
 from model import Im2Latex, ModelConfig
-from model.checkpoint import DEFAULT_MODEL, content_digest, load_checkpoint
+from model.checkpoint import DEFAULT_MODEL, content_digest, load_checkpoint, save_checkpoint
 from model.predict import predict
 
 TINY = dict(emb_dim=16, dec_rnn_h=24, enc_out_dim=32, cnn_widths=(8, 16, 16, 16))
@@ -36,6 +39,22 @@ def synthetic(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, callable]:
         return 1 / (1 + np.exp(-(8 * s + 3)))
 
     return score, rng.random(n) < truth(score), truth
+
+
+def straight_calibration(sha: str) -> Calibration:
+    """Two straight curves over scores -5..0 with different slopes, so a test can tell which
+    one a beam size read (other tests' files: `write_calibration`)."""
+    knots = np.array([-5.0, 0.0])
+    return Calibration(sha, {"greedy": Curve(knots, np.array([0.1, 0.9])),
+                             "beam": Curve(knots, np.array([0.3, 0.6]))}, {"test": True})
+
+
+def write_calibration(model_path: str | Path, sha: str) -> Calibration:
+    """A straight calibration for the weights with digest `sha`, beside checkpoint
+    `model_path`, where the loaders look for it."""
+    cal = straight_calibration(sha)
+    calibration_path(model_path).write_text(json.dumps(cal.to_dict()))
+    return cal
 
 
 def calibration(sha: str = "a" * 64) -> Calibration:
@@ -148,3 +167,44 @@ def test_shipped_calibration_is_for_the_shipped_model():
         pytest.skip("no shipped calibration")
     cal = load_calibration(path, content_digest(load_checkpoint(DEFAULT_MODEL)))
     assert {"greedy", "beam"} <= cal.curves.keys()
+
+
+def _tiny_checkpoint(path: Path) -> str:
+    """An untrained tiny model saved at `path` -> its digest."""
+    vocab = Vocab([*SPECIALS, *(f"t{i}" for i in range(12))])
+    torch.manual_seed(0)
+    model = Im2Latex(ModelConfig(vocab_size=len(vocab), **TINY))
+    save_checkpoint({"model": model.state_dict(), "model_config": model.cfg.to_dict(),
+                     "vocab": vocab.to_dict()}, path)
+    return content_digest(load_checkpoint(path))
+
+
+def test_reader_applies_only_a_calibration_made_for_its_weights(tmp_path):
+    ckpt = tmp_path / "tiny.pt"
+    sha = _tiny_checkpoint(ckpt)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (32, w), dtype=np.uint8) for w in (48, 64)]
+
+    def read(beam: int) -> tuple[Reader, list]:
+        reader = Reader(ckpt, beam_size=beam, max_len=8)
+        return reader, reader.decode(images)
+
+    reader, plain = read(1)  # no file beside the model: nothing applied, nothing to say
+    assert (reader.calibration, reader.calibration_note) == (None, None)
+    assert [p.confidence for p in plain] == [None, None]
+
+    cal = write_calibration(ckpt, sha)
+    for beam in (1, 3):  # greedy and beam search read their own curves
+        reader, preds = read(beam)
+        assert reader.calibration.to_dict() == cal.to_dict() and reader.calibration_note is None
+        want = [cal.curves["greedy" if beam == 1 else "beam"](p.score) for p in preds]
+        assert [p.confidence for p in preds] == pytest.approx(want, abs=1e-9)
+        assert all(0 <= c <= 1 for c in want)
+    assert preds[0].confidence != pytest.approx(cal.curves["greedy"](preds[0].score))
+
+    write_calibration(ckpt, "0" * 64)  # another model's curve, at the right place
+    reader, refused = read(3)
+    assert reader.calibration is None and [p.confidence for p in refused] == [None, None]
+    assert "measured on other weights" in reader.calibration_note
+    assert "\n" not in reader.calibration_note  # one line, for a script's stderr
+    assert [(p.latex, p.score) for p in refused] == [(p.latex, p.score) for p in preds]
