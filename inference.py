@@ -12,6 +12,9 @@ data/image.py's bounds (noise, dot patterns) or decoded is reported on stderr an
 "errors" with the reason, and skipped; the others are still decoded (the exit status is then 2).
 
 Output: one image gives its LaTeX alone; several give `NAME<TAB>LATEX` lines, in input order.
+The JSON's results also hold each reading's `score` (mean token log-probability) and
+`confidence`: the chance, measured on validation images, that such a reading is exactly right
+(null for a model without a calibration made for its weights; bench/confidence.py makes one).
 Decoding goes through im2latex.Reader (the Python API), so both give the same readings.
 """
 
@@ -176,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if reader.calibration_note:
+        print(f"note: {reader.calibration_note}", file=sys.stderr)
     unreadable = len(failures)
     decoded = decode_all(reader, names, images, failures)
     for _, msg in failures[unreadable:]:
@@ -188,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
                          names[:8], max_len=args.max_len, device=backend.device)
     results = []
     for name, pred in decoded:
-        r = {"name": name, "predict": pred.latex, "score": round(pred.score, 4)}
+        r = {"name": name, "predict": pred.latex, "score": round(pred.score, 4),
+             "confidence": None if pred.confidence is None else round(pred.confidence, 4)}
         expected = expected_answer(name, answer, key)
         if expected is not None:
             r["answer"], r["match"] = expected, pred.latex.split() == expected.split()

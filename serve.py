@@ -53,8 +53,10 @@ from data.normalize import detokenize
 from data.render import RenderError, RenderOptions, render_formulas
 from data.vocab import Vocab, VocabError
 from im2latex.api import Reader, TorchBackend
+from im2latex.confidence import MEANING, Calibration
 from im2latex.decoding import MAX_LEN
-from model.checkpoint import DEFAULT_MODEL, CheckpointError, load_model
+from im2latex.prediction import Prediction
+from model.checkpoint import DEFAULT_MODEL, CheckpointError
 from model.im2latex import Im2Latex
 from serve_limits import ConnectionLimits, add_limit_flags, guarded_protocol, limits_from_args
 
@@ -111,8 +113,12 @@ class PredictResponse(BaseModel):
     latex: str = Field(description="The predicted formula as compilable LaTeX, without $ signs")
     tokens: str = Field(description="The model's output: normalized LaTeX tokens separated by "
                                     "single spaces, as inference.py prints them")
-    score: float = Field(description="Mean token log-probability of the prediction (<= 0); "
-                                     "exp(score) is a confidence between 0 and 1")
+    score: float = Field(description="Mean token log-probability of the prediction (<= 0), "
+                                     "higher is surer; a ranking, not a probability: see "
+                                     "`confidence`")
+    confidence: float | None = Field(None, description=MEANING.capitalize() + " (0 to 1, "
+                                     "from `score` through the curve measured for this "
+                                     "model); null when the model has no calibration")
     render_png: str | None = Field(description="The prediction typeset by the sandboxed renderer "
                                                "(base64 PNG, 200 dpi), to compare with the "
                                                "upload; null when it does not compile in time")
@@ -125,6 +131,8 @@ class ModelInfo(BaseModel):
     parameters: int = Field(description="Number of weights")
     vocab_size: int = Field(description="Tokens the model can write")
     device: str = Field(description="Where inference runs (cpu, cuda)")
+    calibrated: bool = Field(description="Whether predictions carry a `confidence`: a "
+                                         "calibration measured for these weights was found")
 
 
 class HealthResponse(BaseModel):
@@ -291,12 +299,13 @@ class UploadReader:
     """Image bytes to a prediction and its rendering; runs in the pool's threads. Each failure
     has its HTTP status: 415 for what is not an image, 422 for an image without a formula."""
 
-    def __init__(self, model: Im2Latex, vocab: Vocab, config: ServeConfig) -> None:
-        self.reader = Reader(backend=TorchBackend(model, vocab, config.device),
+    def __init__(self, model: Im2Latex, vocab: Vocab, config: ServeConfig,
+                 calibration: Calibration | None = None) -> None:
+        self.reader = Reader(backend=TorchBackend(model, vocab, config.device, calibration),
                              beam_size=config.beam_size, max_len=config.max_len)
         self.config = config
 
-    def __call__(self, data: bytes, beam_size: int) -> tuple[str, float, str | None]:
+    def __call__(self, data: bytes, beam_size: int) -> tuple[Prediction, str | None]:
         check_pixels(data, self.config.max_pixels)
         try:
             img = load_image(data, name="upload")
@@ -307,7 +316,7 @@ class UploadReader:
         except ImageError as e:  # blank page, nothing that looks like ink
             raise UploadError(422, str(e)) from None
         pred = self.reader.decode([img], beam_size=beam_size)[0]
-        return pred.latex, pred.score, render_png(detokenize(pred.latex), self.config.render)
+        return pred, render_png(detokenize(pred.latex), self.config.render)
 
 
 def one_upload(image: UploadFile | None, file: UploadFile | None) -> UploadFile:
@@ -330,13 +339,15 @@ def _declared_type_ok(content_type: str | None) -> bool:
 # ------------------------------------------------------------------------------ the app
 
 
-def create_app(model: Im2Latex, vocab: Vocab, config: ServeConfig = ServeConfig()) -> FastAPI:
-    """The page and the API around one loaded model; all state lives in this app."""
+def create_app(model: Im2Latex, vocab: Vocab, config: ServeConfig = ServeConfig(),
+               calibration: Calibration | None = None) -> FastAPI:
+    """The page and the API around one loaded model (and the calibration made for its weights,
+    if any: `confidence` is null without one); all state lives in this app."""
     pool = JobPool(config.threads, config.queue)
-    decode = UploadReader(model, vocab, config)
+    decode = UploadReader(model, vocab, config, calibration)
     model_info = ModelInfo(name=config.model_name, vocab_size=len(vocab),
                            parameters=sum(p.numel() for p in model.parameters()),
-                           device=str(config.device))
+                           device=str(config.device), calibrated=calibration is not None)
     too_large = f"upload larger than the limit of {config.max_upload_mb:g} MB"
 
     @asynccontextmanager
@@ -375,11 +386,12 @@ def create_app(model: Im2Latex, vocab: Vocab, config: ServeConfig = ServeConfig(
             pool.release()
             raise
         try:
-            latex, score, png = await asyncio.wrap_future(future)
+            pred, png = await asyncio.wrap_future(future)
         except UploadError as e:
             raise HTTPException(e.status, e.message) from None
-        return PredictResponse(latex=detokenize(latex), tokens=latex, score=score,
-                               render_png=png, ms=round((time.perf_counter() - start) * 1e3, 1))
+        return PredictResponse(latex=detokenize(pred.latex), tokens=pred.latex, score=pred.score,
+                               confidence=pred.confidence, render_png=png,
+                               ms=round((time.perf_counter() - start) * 1e3, 1))
 
     @app.get("/api/health", response_model=HealthResponse, summary="Model and load")
     async def health() -> HealthResponse:
@@ -444,16 +456,19 @@ def main(argv: list[str] | None = None) -> int:
               "folder), or train one (`make demo` writes runs/default)", file=sys.stderr)
         return 1
     try:
-        model, vocab = load_model(path, device=args.device)
+        backend = TorchBackend.load(path, device=args.device)
     except (CheckpointError, VocabError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if backend.calibration_note:
+        print(f"note: {backend.calibration_note}", file=sys.stderr)
     config = ServeConfig(beam_size=args.beam_size, max_len=args.max_len,
                          max_upload_mb=args.max_upload_mb, max_megapixels=args.max_megapixels,
                          queue=args.queue, threads=args.threads, device=args.device,
                          model_name=path.name, limits=limits_from_args(args))
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(message)s")
-    uvicorn.run(create_app(model, vocab, config), host=args.host, port=args.port,
+    app = create_app(backend.model, backend.vocab, config, backend.calibration)
+    uvicorn.run(app, host=args.host, port=args.port,
                 http=guarded_protocol(config.limits), timeout_keep_alive=5,
                 log_level=args.log_level)
     return 0

@@ -173,6 +173,8 @@ def test_inference_reads_any_image_and_survives_bad_files(tiny_dataset, tiny_mod
     assert names == ["inverted.jpg", "rgb.png", "rgba.png", "screenshot.png", "sixteen.png"]
     for r in doc["results"]:
         assert isinstance(r["predict"], str) and r["score"] <= 0
+        assert r["confidence"] is None  # the tiny model has no calibration: null, no note
+    assert "note: " not in p.stderr
 
 
 def test_inference_single_image_prints_latex(tiny_dataset, tiny_model):
@@ -180,6 +182,41 @@ def test_inference_single_image_prints_latex(tiny_dataset, tiny_model):
     p = run_script("inference.py", "--model_path", tiny_model, tiny_dataset / IMAGES_DIR / first,
                    "--beam_size", "1")
     assert len(p.stdout.strip().splitlines()) == 1 and "\t" not in p.stdout
+
+
+def test_inference_confidence_from_a_calibration_for_these_weights_only(
+        tiny_dataset, tiny_model, tmp_path):
+    from im2latex.confidence import calibration_path
+    from model.checkpoint import content_digest, load_checkpoint
+    from tests.test_confidence import write_calibration
+
+    first = read_lines(tiny_dataset / "im2latex_test_filter.lst")[0].split()[0]
+    image = tiny_dataset / IMAGES_DIR / first
+    ckpt = tmp_path / "m.pt"
+    ckpt.write_bytes(tiny_model.read_bytes())
+    plain = run_script("inference.py", "--model_path", ckpt, image, "--beam_size", "1")
+
+    def result(beam: str) -> tuple[dict, str]:
+        out = tmp_path / "out.json"
+        p = run_script("inference.py", "--model_path", ckpt, image, "--beam_size", beam,
+                       "--json", out)
+        return json.loads(out.read_text())["results"][0], p.stderr
+
+    sha = content_digest(load_checkpoint(ckpt))
+    cal = write_calibration(ckpt, sha)
+    for beam in ("1", "2"):
+        r, err = result(beam)
+        assert r["confidence"] == pytest.approx(cal.probability(r["score"], int(beam)),
+                                                abs=1e-3) and "note: " not in err
+    again = run_script("inference.py", "--model_path", ckpt, image, "--beam_size", "1")
+    assert again.stdout == plain.stdout  # the plain output stays the LaTeX alone
+    write_calibration(ckpt, "0" * 64)
+    r, err = result("1")
+    assert r["confidence"] is None
+    assert err.strip() == (f"note: {calibration_path(ckpt)}: measured on other weights (sha256 "
+                           f"000000000000..., this model {sha[:12]}"
+                           "...); rerun bench/confidence.py for this model; no calibrated "
+                           "confidence")
 
 
 def test_inference_attention_figure(tiny_dataset, tiny_model, tmp_path):
@@ -215,6 +252,8 @@ def test_inference_onnx_backend_reads_like_torch_without_importing_torch(tiny_da
     by_torch, by_onnx = (json.loads(f.read_text())["results"] for f in (torch_out, onnx_out))
     assert [r["predict"] for r in by_onnx] == [r["predict"] for r in by_torch]
     assert [r["name"] for r in by_onnx] == images
+    conf = [[r["confidence"] for r in by] for by in (by_torch, by_onnx)]  # the shipped curve
+    assert all(0 <= c <= 1 for c in conf[0]) and conf[1] == pytest.approx(conf[0], abs=1e-4)
 
 
 def test_inference_onnx_backend_bad_flags(tiny_dataset, tmp_path):

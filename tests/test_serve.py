@@ -28,10 +28,12 @@ from PIL import Image
 from data.image import load_image, normalize_user_image, pad_to_bucket
 from data.layout import IMAGES_DIR
 from data.normalize import detokenize
-from model.checkpoint import load_model
+from im2latex.confidence import calibration_path
+from model.checkpoint import content_digest, load_checkpoint, load_model
 from model.predict import predict
 from serve import JobPool, ServeConfig, create_app, main, render_png
 from tests.conftest import ROOT
+from tests.test_confidence import straight_calibration, write_calibration
 
 UPLOAD_MB = 1
 
@@ -98,10 +100,22 @@ def test_predict_decodes_like_the_library_renders_and_leaves_no_files(
     assert body["tokens"] == expected.latex
     assert body["latex"] == detokenize(expected.latex)
     assert body["score"] == pytest.approx(expected.score, abs=1e-4) and body["score"] <= 0
+    assert body["confidence"] is None  # a model nobody calibrated: no figure rather than a guess
     assert body["ms"] > 0
     rendered = Image.open(io.BytesIO(base64.b64decode(body["render_png"])))
     assert rendered.format == "PNG" and rendered.width > 20
     assert list(tmp.iterdir()) == [] and list(cwd.iterdir()) == []
+
+
+def test_a_calibrated_model_answers_with_its_confidence(loaded, formula_path):
+    calibration = straight_calibration("a" * 64)  # create_app trusts its caller's check
+    config = ServeConfig(model_name="tiny.pt")
+    with TestClient(create_app(*loaded, config, calibration)) as c:
+        assert c.get("/api/health").json()["model"]["calibrated"] is True
+        for beam in ("1", "3"):
+            body = post(c, formula_path.read_bytes(), beam_size=beam).json()
+            want = calibration.probability(body["score"], int(beam))
+            assert body["confidence"] == pytest.approx(want, abs=1e-6) and 0 <= want <= 1
 
 
 @pytest.mark.parametrize("beam", ["0", "11", "two"])
@@ -190,6 +204,7 @@ def test_health_describes_the_model_and_the_limits(client, loaded):
     assert h["model"]["parameters"] == sum(p.numel() for p in model.parameters())
     assert (h["beam_size"], h["max_beam_size"], h["max_upload_mb"]) == (5, 10, UPLOAD_MB)
     assert h["capacity"] == 17 and h["busy"] == 0
+    assert h["model"]["calibrated"] is False
 
 
 def test_openapi_documents_both_endpoints_with_described_fields(client):
@@ -202,8 +217,11 @@ def test_openapi_documents_both_endpoints_with_described_fields(client):
     assert {"200", "413", "415", "422", "503"} <= set(predict_op["responses"])
     assert "get" in doc["paths"]["/api/health"]
     fields = doc["components"]["schemas"]["PredictResponse"]["properties"]
-    assert {"latex", "score", "render_png", "ms"} <= set(fields)
+    assert {"latex", "score", "confidence", "render_png", "ms"} <= set(fields)
     assert all(f.get("description") for f in fields.values())
+    assert "exactly right" in fields["confidence"]["description"]
+    info = doc["components"]["schemas"]["ModelInfo"]["properties"]
+    assert info["calibrated"]["description"]
 
 
 def test_the_page_loads_nothing_from_the_network(client):
@@ -258,6 +276,30 @@ def test_cli_without_a_model_names_the_flag(tmp_path, capsys):
     bad.write_bytes(b"not a checkpoint")
     assert main(["--model_path", str(bad)]) == 1
     assert "not a readable im2latex checkpoint" in capsys.readouterr().err
+
+
+def test_cli_uses_the_calibration_beside_the_model_and_notes_one_for_other_weights(
+        tiny_model, tmp_path, capsys, monkeypatch):
+    import serve
+
+    apps = []
+    monkeypatch.setattr(serve.uvicorn, "run", lambda app, **kw: apps.append(app))
+    ckpt = tmp_path / "m.pt"
+    ckpt.write_bytes(tiny_model.read_bytes())
+
+    def calibrated() -> bool:
+        assert main(["--model_path", str(ckpt), "--device", "cpu"]) == 0
+        with TestClient(apps.pop()) as c:
+            return c.get("/api/health").json()["model"]["calibrated"]
+
+    assert calibrated() is False and "note: " not in capsys.readouterr().err  # none: nothing said
+    write_calibration(ckpt, content_digest(load_checkpoint(ckpt)))
+    assert calibrated() is True and "note: " not in capsys.readouterr().err
+    write_calibration(ckpt, "0" * 64)
+    assert calibrated() is False
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"note: {calibration_path(ckpt)}: measured on "
+                                               "other weights")
 
 
 # ------------------------------------------------------------------------------ real server
