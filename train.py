@@ -22,12 +22,12 @@ import torch
 from data.shards import ShardError
 from data.vocab import VocabError
 from model.checkpoint import LAST, CheckpointError, remove_stale_temps
-from model.im2latex import bf16_is_native, use_tf32_on_cuda
 from model.selection import Best, Selection
 from training import RunError
 from training.config import TrainConfig, parse_args
 from training.distributed import Dist
 from training.loop import Trainer, end_epoch, train_one_epoch, validate
+from training.runtime import bf16_is_native, use_tf32_on_cuda
 from training.start import load_data, place, restore_optimizer, schedule, start_run, wrap
 from training.state import RunState
 

@@ -24,7 +24,7 @@ import torch
 from bench.baseline import BaselineIm2Latex, copy_weights
 from bench.floor import step_floor
 from model import Im2Latex, ModelConfig
-from model.im2latex import bf16_is_native, use_tf32_on_cuda
+from training.runtime import bf16_is_native, use_tf32_on_cuda
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,9 @@ Mixed precision (`amp=True`): only the CNN runs under autocast (bf16 on CPU, bf1
 its output is cast back to fp32 and the recurrent decoder always runs in fp32, where 100+ steps
 of bf16 LSTM state would drift and where bf16 buys nothing on CPU (the attention is
 memory-bound and its sigmoid is slower in bf16).  The CNN is about half the training step and
-runs ~2x faster in bf16 on CPUs with AVX512-BF16 or AMX.  On CUDA with fp16 use a GradScaler.
+runs much faster in bf16 on CPUs with AVX512-BF16 or AMX (docs/performance.md).  On CUDA with
+fp16 use a GradScaler.  Whether a machine has native bf16, and TF32, are the run's business:
+training/runtime.py.
 """
 
 from dataclasses import asdict, dataclass, field, replace
@@ -61,35 +63,13 @@ class ModelConfig:
 
 
 def amp_dtype(device: torch.device | str) -> torch.dtype:
-    """The autocast dtype used for `amp=True` on this device."""
+    """The autocast dtype used for `amp=True` on this device: bf16 unless a CUDA card lacks it
+    (fp16 then). A choice the forward pass makes, so it stays with the model; whether amp pays
+    off on this machine is training/runtime.py's `bf16_is_native`."""
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return torch.float16
     return torch.bfloat16
-
-
-def use_tf32_on_cuda() -> None:
-    """Run fp32 matmuls and convolutions on CUDA in TF32 (products rounded to a 10-bit mantissa,
-    sums in fp32). The decoder's LSTM, attention and output matmuls stay fp32 under autocast
-    (see above), and TF32 puts them on the tensor cores: on Hopper ~7x the plain fp32 rate, at a
-    precision still finer than the bf16 the encoder runs in. A process-wide setting, so the
-    scripts call it, not the model."""
-    torch.backends.cuda.matmul.fp32_precision = "tf32"
-    torch.backends.cudnn.conv.fp32_precision = "tf32"
-
-
-def bf16_is_native(device: torch.device | str) -> bool:
-    """Whether bf16 autocast of the encoder pays off here: CUDA cards with bf16, and CPUs with
-    bf16 instructions (AVX512-BF16 or AMX), where it made a training step ~1.3x faster. Without
-    them bf16 is emulated and slower, and fp16 would need loss scaling."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
 class Im2Latex(nn.Module):
