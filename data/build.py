@@ -10,6 +10,11 @@ formula), so the training images grow ``extra_styles + 1``-fold whatever the num
 Validation and test formulas are rendered in ``eval_style`` only (``cm``: scores stay
 comparable with every earlier run). A formula whose first-style image fails is dropped; an
 extra style that fails or comes out too large loses only that image.
+
+Recovery (issue 13): the ``--render`` corpus formulas (not the fixed val/test ones) go through
+data.recover's rewrites of authors' shorthands (``\\R`` -> ``\\mathbb { R }``), and training
+images render with its extra packages (amssymb, mathrsfs); the report counts each rewrite, and
+says why each dropped formula failed to render (TeX's error or the screen's refusal).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from PIL import Image
 
 from data.layout import IMAGES_DIR, SPLITS, write_layout
 from data.normalize import NormalizeError, detokenize, normalize
+from data.recover import recover, train_style
 from data.render import RenderOptions, render_to_dir
 from data.styles import DEFAULT_STYLE, styles_for
 
@@ -43,6 +49,7 @@ class Filters:
 class BuildReport:
     steps: list[tuple[str, int]] = field(default_factory=list)
     dropped: Counter = field(default_factory=Counter)
+    recovered: Counter = field(default_factory=Counter)  # formulas per data.recover shorthand
     splits: dict[str, int] = field(default_factory=dict)
     examples: dict[str, str] = field(default_factory=dict)  # one example line per drop reason
 
@@ -55,6 +62,7 @@ class BuildReport:
 
     def lines(self) -> list[str]:
         out = [f"{what:<32} {n:>8}" for what, n in self.steps]
+        out += [f"  recovered: {name:<20} {n:>8}" for name, n in self.recovered.most_common()]
         out += [f"  dropped: {r:<23} {n:>8}   e.g. {self.examples[r]!r}"
                 for r, n in self.dropped.most_common()]
         out += [f"{s:<32} {n:>8}" for s, n in self.splits.items()]
@@ -91,6 +99,25 @@ def normalize_all(lines: Iterable[str], report: BuildReport) -> list[str]:
         else:
             seen.add(f)
             out.append(f)
+    return out
+
+
+def recover_all(formulas: Sequence[str], report: BuildReport) -> list[str]:
+    """data.recover's rewrites, each counted; a rewritten formula equal to an earlier one goes."""
+    seen: set[str] = set()
+    out = []
+    rewritten = 0
+    for f in formulas:
+        g, used = recover(f)
+        rewritten += g != f
+        for name in used:
+            report.recovered[name] += 1
+        if g in seen:
+            report.drop("duplicate after recovery", f)
+        else:
+            seen.add(g)
+            out.append(g)
+    report.step("recovered: rewritten", rewritten)
     return out
 
 
@@ -133,6 +160,7 @@ def build_dataset(lines: Iterable[str], data_dir: str | Path, *, ratios: Sequenc
     report.step("input lines", len(lines))
     formulas = normalize_all(lines, report)
     report.step("normalized, distinct", len(formulas))
+    formulas = recover_all(formulas, report)
 
     excluded = set(normalize_all(exclude, BuildReport())) | seen
     if excluded:
@@ -164,38 +192,45 @@ def build_dataset(lines: Iterable[str], data_dir: str | Path, *, ratios: Sequenc
     split_of = dict(zip(formulas, splits))
     plan = [styles_for(f, styles, extra_styles, seed) if split_of[f] == "train"
             else [eval_style] for f in wanted]
-    _render_plan(wanted, [split_of[f] for f in wanted], plan, img_dir, render_opts, progress)
-    rows = _collect_rows(wanted, split_of, plan, img_dir, filters, report)
+    errors = _render_plan(wanted, [split_of[f] for f in wanted], plan, img_dir, render_opts,
+                          progress)
+    rows = _collect_rows(wanted, split_of, plan, img_dir, filters, report, errors)
     write_layout(data_dir, wanted, rows)
     report.splits = {f"  {s}": len(r) for s, r in rows.items()}
     return report
 
 
 def _render_plan(wanted: Sequence[str], splits: Sequence[str], plan: Sequence[Sequence[str]],
-                 img_dir: Path, render_opts: RenderOptions, progress: bool) -> None:
-    """Render every (formula, style) of the plan: one pass per style and strictness, so each
-    TeX document holds one style; images already on disk are kept (a rerun resumes)."""
+                 img_dir: Path, render_opts: RenderOptions, progress: bool) -> dict[str, str]:
+    """Render every (formula, style) of the plan: one pass per style and split, so each TeX
+    document holds one style; images already on disk are kept (a rerun resumes). Returns the
+    reason each image failed, by PNG name."""
     stems = [image_stem(f) for f in wanted]
+    errors: dict[str, str] = {}
     for style in dict.fromkeys(s for styles in plan for s in styles):
         # What is rendered is the LaTeX the tokens stand for (`\text{if}`, not `\text { i f }`).
-        # Training formulas render strictly: TeX's error recovery drops what it cannot typeset,
-        # and an image missing part of its label teaches the model to hallucinate. Test
-        # formulas render as the original dataset did (pdflatex in nonstopmode), so scores
-        # stay comparable.
-        for strict in (True, False):
-            idx = [i for i, styles in enumerate(plan)
-                   if style in styles and (splits[i] != "test") == strict]
+        # Training and validation formulas render strictly: TeX's error recovery drops what
+        # it cannot typeset, and an image missing part of its label teaches the model to
+        # hallucinate. Test formulas render as the original dataset did (pdflatex in
+        # nonstopmode), so scores stay comparable. Only training renders get data.recover's
+        # packages: validation and test images stay those of every earlier build.
+        for split in SPLITS:
+            idx = [i for i, styles in enumerate(plan) if style in styles and splits[i] == split]
             if not idx:
                 continue
-            opts = replace(render_opts, bucket=True, strict=strict, style=style)
+            look = train_style(style) if split == "train" else style
+            opts = replace(render_opts, bucket=True, strict=split != "test", style=look)
             names = [image_name(stems[i], style)[: -len(".png")] for i in idx]
-            render_to_dir([detokenize(wanted[i]) for i in idx], names, img_dir, opts,
-                          progress=progress)
+            done = render_to_dir([detokenize(wanted[i]) for i in idx], names, img_dir, opts,
+                                 progress=progress)
+            errors.update({f"{n}.png": e for n, e in done.errors.items()})
+    return errors
 
 
 def _collect_rows(wanted: Sequence[str], split_of: dict[str, str],
                   plan: Sequence[Sequence[str]], img_dir: Path, filters: Filters,
-                  report: BuildReport) -> dict[str, list[tuple[str, int]]]:
+                  report: BuildReport, errors: dict[str, str]
+                  ) -> dict[str, list[tuple[str, int]]]:
     """The split files' rows: each rendered image that passes the size filters. A formula
     whose first-style image is missing or too large is dropped with all its styles."""
     rows: dict[str, list[tuple[str, int]]] = {s: [] for s in SPLITS}
@@ -204,7 +239,7 @@ def _collect_rows(wanted: Sequence[str], split_of: dict[str, str],
         split = split_of[f]
         for k, style in enumerate(styles):
             name = image_name(image_stem(f), style)
-            reason = _unusable(img_dir / name, split, filters)
+            reason = _unusable(img_dir / name, split, filters, errors.get(name))
             if reason is not None:
                 report.drop(reason if k == 0 else f"{style}: {reason}", f)
                 if k == 0:
@@ -218,10 +253,11 @@ def _collect_rows(wanted: Sequence[str], split_of: dict[str, str],
     return rows
 
 
-def _unusable(path: Path, split: str, filters: Filters) -> str | None:
-    """Why an image cannot be used, or None; test images are kept at any size."""
+def _unusable(path: Path, split: str, filters: Filters, error: str | None) -> str | None:
+    """Why an image cannot be used, or None; test images are kept at any size. ``error``: why
+    it failed to render, where known (the first words of TeX's error or the screen's refusal)."""
     if not path.is_file():
-        return "failed to render"
+        return f"failed to render: {error[:40]}" if error else "failed to render"
     if split == "test":
         return None
     with Image.open(path) as im:
