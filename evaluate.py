@@ -32,6 +32,12 @@ from data.vocab import VocabError
 from im2latex.api import Reader
 from model.checkpoint import DEFAULT_MODEL, CheckpointError
 
+# Scoring lets a reading run past the decoding cap (im2latex.decoding.MAX_LEN, what the page
+# and inference.py use): the test split is not length-filtered (data/build.py keeps it whole)
+# and --formulas may be any reference file, so a reference may be longer than the formulas
+# trained on, and a reading cut at the cap would be scored as a truncation, not as read.
+EVAL_MAX_LEN = 250
+
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -45,7 +51,8 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--matching", help="with --images: lines 'IMAGE FORMULA_INDEX'")
     p.add_argument("--formulas", help="with --images: the formula file the indices point into")
     p.add_argument("--beam_size", type=int, default=5, help="1: greedy decoding")
-    p.add_argument("--max_len", type=int, default=250, help="longest prediction, in tokens")
+    p.add_argument("--max_len", type=int, default=EVAL_MAX_LEN,
+                   help="longest prediction, in tokens")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--limit", type=int, default=0, help="score only the first N images")
     p.add_argument("--ref_path", default="results/ref.txt")

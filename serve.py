@@ -433,14 +433,18 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=_int_in(0, 65535), default=8000)
-    p.add_argument("--beam_size", type=_int_in(1, MAX_BEAM), default=5,
+    p.add_argument("--beam_size", type=_int_in(1, MAX_BEAM), default=ServeConfig.beam_size,
                    help="default beam width (a request may ask for 1..10)")
-    p.add_argument("--max_len", type=_int_in(1, 1000), default=150, help="longest output, tokens")
-    p.add_argument("--max_upload_mb", type=_positive, default=10.0, help="largest upload (MiB)")
-    p.add_argument("--max_megapixels", type=_positive, default=16.0, help="largest image")
-    p.add_argument("--queue", type=_int_in(0), default=16,
+    p.add_argument("--max_len", type=_int_in(1, 1000), default=ServeConfig.max_len,
+                   help="longest output, tokens")
+    p.add_argument("--max_upload_mb", type=_positive, default=ServeConfig.max_upload_mb,
+                   help="largest upload (MiB)")
+    p.add_argument("--max_megapixels", type=_positive, default=ServeConfig.max_megapixels,
+                   help="largest image")
+    p.add_argument("--queue", type=_int_in(0), default=ServeConfig.queue,
                    help="requests that may wait for a thread; more get 503")
-    p.add_argument("--threads", type=_int_in(1, 64), default=1, help="images decoded at once")
+    p.add_argument("--threads", type=_int_in(1, 64), default=ServeConfig.threads,
+                   help="images decoded at once")
     add_limit_flags(p, positive=_positive, count=_int_in(1))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--log_level", default="info",

@@ -52,6 +52,7 @@ from im2latex.confidence import (  # noqa: E402
     calibration_path,
     decoder_name,
 )
+from im2latex.decoding import MAX_LEN  # noqa: E402
 from model.checkpoint import (  # noqa: E402
     DEFAULT_MODEL,
     atomic_write,
@@ -78,7 +79,7 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="where to write the calibration (default: beside the checkpoint)")
     p.add_argument("--report", type=Path, help="also write the printed report here")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
-    p.add_argument("--max_len", type=int, default=150)
+    p.add_argument("--max_len", type=int, default=MAX_LEN)
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0, help="seeds every random condition")
     p.add_argument("--val_images", type=Path, default=robustness.DATA / "val_images")

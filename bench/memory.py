@@ -96,13 +96,13 @@ def measure(shard_dir: Path, batches: int) -> None:
     import torch
     from torch.utils.data import DataLoader
 
-    from data.dataset import BucketBatchSampler, FormulaDataset, collate
+    from data.dataset import MAX_TRAIN_TOKENS, BucketBatchSampler, FormulaDataset, collate
     from data.vocab import Vocab
 
     torch.set_num_threads(1)
     base = tree_memory(os.getpid())
     vocab = Vocab.build(["x ^ { 2 } +"])
-    ds = FormulaDataset(shard_dir, vocab, max_len=150)
+    ds = FormulaDataset(shard_dir, vocab, max_len=MAX_TRAIN_TOKENS)
     loaded = tree_memory(os.getpid())
     sampler = BucketBatchSampler(ds.bucket_items, 32, seed=0)
     loader = DataLoader(ds, batch_sampler=sampler.batches(0)[:batches], collate_fn=collate,

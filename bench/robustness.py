@@ -43,6 +43,7 @@ from data.metrics import text_scores  # noqa: E402
 from data.normalize import detokenize  # noqa: E402
 from data.render import RenderError, RenderOptions, render_formulas  # noqa: E402
 from data.styles import DEFAULT_STYLE, STYLES  # noqa: E402
+from im2latex.decoding import MAX_LEN  # noqa: E402
 from model.checkpoint import DEFAULT_MODEL, load_model  # noqa: E402
 from model.predict import predict  # noqa: E402
 
@@ -94,7 +95,7 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--conditions", nargs="+", metavar="NAME", help="rows to run (default: all)")
     p.add_argument("--model_path", default=str(DEFAULT_MODEL), help="checkpoint (.pt) or run dir")
     p.add_argument("--beam_size", type=int, default=5, help="1: greedy decoding")
-    p.add_argument("--max_len", type=int, default=150)
+    p.add_argument("--max_len", type=int, default=MAX_LEN)
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0, help="seeds every random condition")
     p.add_argument("--val_images", type=Path, default=DATA / "val_images")

@@ -19,6 +19,11 @@ from torch.utils.data import Dataset, Sampler
 from data.shards import Bucket, load_split
 from data.vocab import Vocab
 
+# Longer formulas are not trained on (`FormulaDataset(max_len=...)`, train.py --max_len): the
+# IM2LATEX-100K filter. A training filter, not the decoding cap (im2latex.decoding.MAX_LEN),
+# though both are 150 today.
+MAX_TRAIN_TOKENS = 150
+
 
 class FormulaDataset(Dataset):
     """(image, token ids) pairs of one split. Index `i` addresses the concatenated buckets.

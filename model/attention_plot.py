@@ -13,12 +13,13 @@ import numpy as np
 import torch
 
 from data.vocab import Vocab
+from im2latex.decoding import MAX_LEN
 from model.im2latex import Im2Latex
 
 
 @torch.inference_mode()
 def attention_figure(model: Im2Latex, vocab: Vocab, images: Sequence[np.ndarray],
-                     path: str | Path, names: Sequence[str] = (), max_len: int = 150,
+                     path: str | Path, names: Sequence[str] = (), max_len: int = MAX_LEN,
                      tokens_shown: int = 6, device: str | torch.device = "cpu") -> None:
     """One row per image: the image with its greedy prediction, then the attention of
     `tokens_shown` tokens spread over the prediction."""

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from data.augment import parse_level
+from data.dataset import MAX_TRAIN_TOKENS
 from model.im2latex import ModelConfig
 from model.sampling import METHODS
 from model.selection import LEGACY, METRICS
@@ -71,7 +72,7 @@ class TrainConfig:
     lr_patience: int = option(3, run=True)
     clip: float = option(2.0, run=True)
     batch_size: int = option(32, run=True)
-    max_len: int = option(150, "longer formulas are not trained on", run=True)
+    max_len: int = option(MAX_TRAIN_TOKENS, "longer formulas are not trained on", run=True)
     epochs: int = option(15, "train up to this epoch", flags=("--epoches", "--epochs"))
     sample_method: str = option("teacher_forcing", run=True, choices=METHODS)
     decay_k: float = option(1.0, "scheduled-sampling decay (exp: k<1; inv_sigmoid: k>=1)",
