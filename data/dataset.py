@@ -97,10 +97,10 @@ class BucketBatchSampler(Sampler[list[int]]):
 
     With `lengths` (tokens per index), each bucket's shuffled items are taken `pool` batches at
     a time and sorted by formula length before being cut into batches. A batch costs the
-    decoder as many steps as its longest formula, so mixing lengths at random wastes ~40% of
-    the decoder's work on padding (IM2LATEX-like data: 58% of the steps are real tokens at
-    random, 96% with pools of 32 batches); the shuffle before pooling and the shuffle of the
-    batches keep the order random from epoch to epoch."""
+    decoder as many steps as its longest formula, so mixing lengths at random spends much of
+    the decoder's work on padding (the shares measured: docs/performance.md, "Length-grouped
+    batches"); the shuffle before pooling and the shuffle of the batches keep the order random
+    from epoch to epoch."""
 
     def __init__(self, bucket_items: Sequence[Sequence[int]], batch_size: int,
                  shuffle: bool = True, seed: int = 0, num_replicas: int = 1, rank: int = 0,

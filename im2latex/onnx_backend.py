@@ -160,8 +160,8 @@ class OnnxBackend:
 
         The attention's B x N x L x A gates are made a few images at a time, GATES_BYTES at
         most, as model/decoder.py's scratch buffer does: the passes over them then stay in
-        cache (a beam-5 step on 20 images of 64 x 320 took 25-30% less time on a busy machine)
-        and a large batch's peak memory stays small. Rows are independent: the split gives the
+        cache (docs/performance.md, "ONNX decoder step in slices") and a large batch's peak
+        memory stays small. Rows are independent: the split gives the
         same tokens (tests/test_onnx.py)."""
         keys, enc = memory["keys"], memory["enc"]
         batch, length, width = keys.shape

@@ -79,8 +79,8 @@ class Im2Latex(nn.Module):
         self.encoder = Encoder(cfg.cnn_widths, cfg.enc_out_dim, in_channels=1,
                                batch_norm=cfg.batch_norm)
         # channels-last (N x H x W x C in memory): oneDNN's and cuDNN's native layout for bf16
-        # convolutions. The full-size CPU training step (bench/train_speed.py) ran 12% faster
-        # with batch norm (4.09 -> 3.58 s), 3-11% without.
+        # convolutions, so no layout conversion runs around each one (the step's gain:
+        # docs/performance.md, "Channels-last encoder").
         self.encoder.to(memory_format=torch.channels_last)
         self.decoder = Decoder(
             cfg.vocab_size, cfg.emb_dim, cfg.dec_rnn_h, cfg.enc_out_dim, cfg.dropout
@@ -104,9 +104,10 @@ class Im2Latex(nn.Module):
 
     def configure_optimizer(self, lr: float) -> torch.optim.Adam:
         """Adam over the trainable weights (after `freeze_encoder`, the decoder's), fused into a
-        few kernels per step where PyTorch has that for the device: on CPU 3x faster than the
-        per-weight loop (4 vs 13.5 ms at full size), and on a GPU it reads no step counter back
-        to the host, where the loop syncs once per weight tensor."""
+        few kernels per step where PyTorch has that for the device: on CPU one pass over all
+        weights instead of a Python loop over them (timings: docs/performance.md, "Fused
+        Adam"), and on a GPU it reads no step counter back to the host, where the loop syncs
+        once per weight tensor."""
         params = [p for p in self.parameters() if p.requires_grad]
         fused = params[0].device.type in ("cpu", "cuda")
         return torch.optim.Adam(params, lr=lr, fused=fused or None)
