@@ -336,6 +336,28 @@ def _declared_type_ok(content_type: str | None) -> bool:
     return kind in ("", "application/octet-stream") or kind.startswith("image/")
 
 
+def _too_large(config: ServeConfig) -> str:
+    return f"upload larger than the limit of {config.max_upload_mb:g} MB"
+
+
+async def _queue_upload(pool: JobPool, decode: UploadReader, image: UploadFile, beam_size: int,
+                        config: ServeConfig) -> Future:
+    """A place in the pool first (503 when full, before reading a byte), then the upload read
+    within its limit (413) and its decoding queued; the place is given back if anything before
+    the queueing fails, and by the pool once the job ends."""
+    if not pool.reserve():
+        raise HTTPException(503, f"busy: {pool.capacity} images are being read or waiting; "
+                                 "try again in a moment", headers={"Retry-After": "2"})
+    try:
+        data = await image.read(config.max_upload_bytes + 1)  # already bounded by the body
+        if len(data) > config.max_upload_bytes:
+            raise HTTPException(413, _too_large(config))
+        return pool.submit(decode, data, beam_size)
+    except BaseException:
+        pool.release()
+        raise
+
+
 # ------------------------------------------------------------------------------ the app
 
 
@@ -348,7 +370,6 @@ def create_app(model: Im2Latex, vocab: Vocab, config: ServeConfig = ServeConfig(
     model_info = ModelInfo(name=config.model_name, vocab_size=len(vocab),
                            parameters=sum(p.numel() for p in model.parameters()),
                            device=str(config.device), calibrated=calibration is not None)
-    too_large = f"upload larger than the limit of {config.max_upload_mb:g} MB"
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -360,7 +381,7 @@ def create_app(model: Im2Latex, vocab: Vocab, config: ServeConfig = ServeConfig(
         description="Reads an image of a printed formula and returns its LaTeX.",
     )
     app.add_middleware(BodyLimit, limit=config.max_upload_bytes + MULTIPART_OVERHEAD,
-                       message=too_large)
+                       message=_too_large(config))
 
     @app.post("/api/predict", response_model=PredictResponse, responses=ERRORS,
               summary="Read the LaTeX of a formula image")
@@ -374,17 +395,7 @@ def create_app(model: Im2Latex, vocab: Vocab, config: ServeConfig = ServeConfig(
         image = one_upload(image, file)
         if not _declared_type_ok(image.content_type):
             raise HTTPException(415, f"expected an image, got {image.content_type}")
-        if not pool.reserve():
-            raise HTTPException(503, f"busy: {pool.capacity} images are being read or waiting; "
-                                     "try again in a moment", headers={"Retry-After": "2"})
-        try:
-            data = await image.read(config.max_upload_bytes + 1)  # already bounded by the body
-            if len(data) > config.max_upload_bytes:
-                raise HTTPException(413, too_large)
-            future = pool.submit(decode, data, beam_size)
-        except BaseException:
-            pool.release()
-            raise
+        future = await _queue_upload(pool, decode, image, beam_size, config)
         try:
             pred, png = await asyncio.wrap_future(future)
         except UploadError as e:
