@@ -27,9 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
+from data.custom import clean_formula, load_answer_key
 from data.files import atomic_write
 from data.image import IMAGE_SUFFIXES, ImageError, read_user_image
-from data.normalize import NormalizeError, normalize
+from data.normalize import NormalizeError
 from im2latex.api import BACKENDS, DEFAULT_ONNX_DIR, Reader
 from im2latex.decoding import MAX_LEN
 from im2latex.prediction import Prediction
@@ -51,10 +52,11 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--json", metavar="OUT", help='write {"results": [...]} to this file')
     p.add_argument("--answer", metavar="LATEX",
-                   help="expected formula: adds \"match\" to each result")
+                   help="expected formula: adds \"match\" to each result (respelled as "
+                        "answer keys are: data.custom.clean_formula)")
     p.add_argument("--answer_key", metavar="JSON",
                    help='expected formulas by image or folder name: {"NAME": "LATEX", ...}; '
-                        'adds "answer" and "match"')
+                        'adds "answer" and "match" (formulas respelled as in --answer)')
     p.add_argument("--attention_figure", metavar="PNG",
                    help="also draw the first 8 images with their attention maps")
     p.add_argument("--no_normalize", action="store_true",
@@ -87,23 +89,6 @@ def expand(paths: list[str]) -> tuple[list[Path], list[str]]:
         else:
             problems.append(f"{p}: no such file or folder")
     return files, problems
-
-
-def load_answer_key(path: str) -> dict[str, str]:
-    """Name -> normalized expected formula. Names are image file names or folder names, so one
-    key can hold an answer per exam question (folder) and exceptions per sheet (image)."""
-    try:
-        key = json.loads(Path(path).read_text(encoding="utf-8-sig"))
-    except FileNotFoundError:
-        raise ValueError(f"--answer_key {path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"--answer_key {path}: malformed JSON: {e}") from None
-    if not isinstance(key, dict) or not all(isinstance(v, str) for v in key.values()):
-        raise ValueError(f'--answer_key {path}: expected {{"NAME": "LATEX", ...}}')
-    try:
-        return {str(k): normalize(v) for k, v in key.items()}
-    except NormalizeError as e:
-        raise ValueError(f"--answer_key {path}: {e}") from None
 
 
 def expected_answer(path: str, answer: str | None, key: dict[str, str]) -> str | None:
@@ -158,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     files, problems = expand(args.paths)
     failures = [(msg.split(": ", 1)[0], msg) for msg in problems]
     try:
-        answer = normalize(args.answer) if args.answer is not None else None
+        answer = clean_formula(args.answer)[0] if args.answer is not None else None
         key = load_answer_key(args.answer_key) if args.answer_key else {}
     except (NormalizeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

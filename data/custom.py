@@ -1,4 +1,9 @@
-"""Custom labelled data: NAME2ID + ID2FORMULA.json + a folder per answer type.
+"""Custom labelled data: NAME2ID + ID2FORMULA.json + a folder per answer type, and answer keys.
+
+An answer key's formulas are respelled in one place, `clean_formula` (dropped backslashes,
+plain-text symbols), whether they label training images (jerry_preprocess.py, data/labels.py)
+or are the expected answers of inference.py (`--answer`, `--answer_key`: `load_answer_key`),
+so a reading is checked against the same spelling the model was trained on.
 
 The original helper `eval()`ed its keys and command-line strings; here every input is parsed as
 data (JSON, and keys matched by a regular expression), and every problem is collected with the
@@ -104,6 +109,19 @@ def clean_formula(formula: str) -> tuple[str, bool]:
     tokens = formula.split()
     fixed = restore_backslashes(answer_key_tokens(tokens))
     return normalize(" ".join(fixed)), fixed != tokens
+
+
+def load_answer_key(path: str | Path) -> dict[str, str]:
+    """Name -> expected formula, respelled by `clean_formula`. Names are image file names or
+    folder names, so one key can hold an answer per exam question (folder) and exceptions per
+    sheet (image). Raises CustomDataError naming the file and what is wrong with it."""
+    key = _load_json(path, "answer key")
+    if not isinstance(key, dict) or not all(isinstance(v, str) for v in key.values()):
+        raise CustomDataError(f'answer key {path}: expected {{"NAME": "LATEX", ...}}')
+    try:
+        return {str(name): clean_formula(formula)[0] for name, formula in key.items()}
+    except NormalizeError as e:
+        raise CustomDataError(f"answer key {path}: {e}") from None
 
 
 def find_folder(root: Path, name: str) -> Path | None:

@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.custom import CustomDataError, clean_formula, label_images, load_id2formula, load_name2id
+from data.custom import (
+    CustomDataError,
+    clean_formula,
+    label_images,
+    load_answer_key,
+    load_id2formula,
+    load_name2id,
+)
 from data.render import render_formulas
 from evaluate import get_args as get_eval_args
 from evaluate import image_pipeline
@@ -93,9 +100,10 @@ def test_build_finetune_and_decode_to_json(sheets, tiny_model, tmp_path):
         assert set(r) >= {"name", "predict", "score", "match"} and isinstance(r["match"], bool)
         assert r["match"] == (r["predict"] == "\\sqrt { 2 }")
 
-    # an answer key: per folder, with a per-image exception; keys are normalized too
+    # an answer key: per folder, with a per-image exception; keys are normalized and respelled
+    # as the jerry data are ({{ }} is a set, a dropped backslash is put back)
     key = tmp_path / "key.json"
-    key.write_text(json.dumps({"roots": "\\sqrt{3}", "sets": "\\{5\\}", "0_000.png": "x"}))
+    key.write_text(json.dumps({"roots": "sqrt { 3 }", "sets": "{{ 5 }}", "0_000.png": "x"}))
     run_script("inference.py", "--model_path", run / "last.pt", sheets / "images" / "roots",
                sheets / "images" / "sets", "--json", out, "--answer_key", key, "--beam_size", "1")
     results = json.loads(out.read_text())["results"]
@@ -187,6 +195,25 @@ def test_unreadable_image_with_valid_key_is_reported(sheets, tmp_path):
 ])
 def test_answer_key_spellings(key, expected):
     assert clean_formula(key)[0] == expected
+
+
+def test_answer_key_file_respells_as_training_labels(tmp_path):
+    """inference.py's --answer_key and the jerry labels go through one respelling: the same
+    text gives the same formula from the key file as from ID2FORMULA."""
+    texts = ["- frac { 2 } { 7 }", "{{ x | x <= 2 }}", "( - inf , 2 ) U [ 3 , inf )", "x"]
+    path = tmp_path / "key.json"
+    path.write_text(json.dumps({f"q{i}": t for i, t in enumerate(texts)}))
+    key = load_answer_key(path)
+    assert key == {f"q{i}": clean_formula(t)[0] for i, t in enumerate(texts)}
+    assert key["q0"] == "- \\frac { 2 } { 7 }" and key["q3"] == "x"
+    path.write_text(json.dumps(["x"]))
+    with pytest.raises(CustomDataError, match=r"key\.json: expected"):
+        load_answer_key(path)
+    path.write_text(json.dumps({"q": "\\frac { 1"}))
+    with pytest.raises(CustomDataError, match="key.json"):
+        load_answer_key(path)
+    with pytest.raises(CustomDataError, match="not found"):
+        load_answer_key(tmp_path / "missing.json")
 
 
 def test_keys_are_parsed_not_evaluated(tmp_path):
