@@ -58,6 +58,9 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "of the formula (default 1: the training images double)")
     p.add_argument("--eval_style", default=DEFAULT_STYLE,
                    help="style of validation and test images (default %(default)s)")
+    p.add_argument("--no_recover", action="store_true",
+                   help="with --render: no rewriting of shorthands (\\R -> \\mathbb { R }) and no "
+                        "extra packages for training renders (data/recover.py): as v1.1 built")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="TeX processes")
     p.add_argument("--no_shards", action="store_true", help="build the layout only")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -103,7 +106,8 @@ def build(args: argparse.Namespace) -> BuildReport:
                            exclude=exclude, fixed=fixed, sample=args.sample, filters=filters,
                            render_opts=RenderOptions(workers=args.workers),
                            progress=not args.quiet, styles=styles,
-                           extra_styles=args.extra_styles, eval_style=eval_style)
+                           extra_styles=args.extra_styles, eval_style=eval_style,
+                           recovery=not args.no_recover)
     print("\n".join(report.lines()))
     return report
 

@@ -45,6 +45,9 @@ class Filters:
     max_height: int = 160
 
 
+RECOVERED_STEP = "recovered by rewriting"  # followed by the count of each shorthand
+
+
 @dataclass
 class BuildReport:
     steps: list[tuple[str, int]] = field(default_factory=list)
@@ -61,8 +64,11 @@ class BuildReport:
         self.examples.setdefault(reason, example[:120])
 
     def lines(self) -> list[str]:
-        out = [f"{what:<32} {n:>8}" for what, n in self.steps]
-        out += [f"  recovered: {name:<20} {n:>8}" for name, n in self.recovered.most_common()]
+        out = []
+        for what, n in self.steps:
+            out.append(f"{what:<32} {n:>8}")
+            if what == RECOVERED_STEP:
+                out += [f"  {name:<30} {k:>8}" for name, k in self.recovered.most_common()]
         out += [f"  dropped: {r:<23} {n:>8}   e.g. {self.examples[r]!r}"
                 for r, n in self.dropped.most_common()]
         out += [f"{s:<32} {n:>8}" for s, n in self.splits.items()]
@@ -117,7 +123,7 @@ def recover_all(formulas: Sequence[str], report: BuildReport) -> list[str]:
         else:
             seen.add(g)
             out.append(g)
-    report.step("recovered: rewritten", rewritten)
+    report.step(RECOVERED_STEP, rewritten)
     return out
 
 
@@ -141,11 +147,13 @@ def build_dataset(lines: Iterable[str], data_dir: str | Path, *, ratios: Sequenc
                   fixed: dict[str, Iterable[str]] | None = None, sample: int = 0,
                   filters: Filters = Filters(), render_opts: RenderOptions = RenderOptions(),
                   progress: bool = True, styles: Sequence[str] = (DEFAULT_STYLE,),
-                  extra_styles: int = 1, eval_style: str = DEFAULT_STYLE) -> BuildReport:
+                  extra_styles: int = 1, eval_style: str = DEFAULT_STYLE,
+                  recovery: bool = True) -> BuildReport:
     """`lines` are split by `ratios`; `fixed` maps a split to formulas that all go there (e.g. the
     real validation and test sets), and those never appear in another split. `sample` keeps a
     seeded random subset of `lines` (after normalizing and excluding), to fit a time budget.
-    `styles`, `extra_styles`, `eval_style`: the render styles (see the module docstring)."""
+    `styles`, `extra_styles`, `eval_style`: the render styles; `recovery`: data.recover's
+    rewrites and training packages (see the module docstring; False builds as v1.1 did)."""
     report = BuildReport()
     fixed_formulas: list[str] = []
     fixed_splits: list[str] = []
@@ -160,7 +168,8 @@ def build_dataset(lines: Iterable[str], data_dir: str | Path, *, ratios: Sequenc
     report.step("input lines", len(lines))
     formulas = normalize_all(lines, report)
     report.step("normalized, distinct", len(formulas))
-    formulas = recover_all(formulas, report)
+    if recovery:
+        formulas = recover_all(formulas, report)
 
     excluded = set(normalize_all(exclude, BuildReport())) | seen
     if excluded:
@@ -192,8 +201,8 @@ def build_dataset(lines: Iterable[str], data_dir: str | Path, *, ratios: Sequenc
     split_of = dict(zip(formulas, splits))
     plan = [styles_for(f, styles, extra_styles, seed) if split_of[f] == "train"
             else [eval_style] for f in wanted]
-    errors = _render_plan(wanted, [split_of[f] for f in wanted], plan, img_dir, render_opts,
-                          progress)
+    errors = _render_plan(wanted, [split_of[f] for f in wanted], plan, img_dir,
+                          render_opts, progress, recovery)
     rows = _collect_rows(wanted, split_of, plan, img_dir, filters, report, errors)
     write_layout(data_dir, wanted, rows)
     report.splits = {f"  {s}": len(r) for s, r in rows.items()}
@@ -201,7 +210,8 @@ def build_dataset(lines: Iterable[str], data_dir: str | Path, *, ratios: Sequenc
 
 
 def _render_plan(wanted: Sequence[str], splits: Sequence[str], plan: Sequence[Sequence[str]],
-                 img_dir: Path, render_opts: RenderOptions, progress: bool) -> dict[str, str]:
+                 img_dir: Path, render_opts: RenderOptions, progress: bool,
+                 recovery: bool) -> dict[str, str]:
     """Render every (formula, style) of the plan: one pass per style and split, so each TeX
     document holds one style; images already on disk are kept (a rerun resumes). Returns the
     reason each image failed, by PNG name."""
@@ -218,7 +228,7 @@ def _render_plan(wanted: Sequence[str], splits: Sequence[str], plan: Sequence[Se
             idx = [i for i, styles in enumerate(plan) if style in styles and splits[i] == split]
             if not idx:
                 continue
-            look = train_style(style) if split == "train" else style
+            look = train_style(style) if split == "train" and recovery else style
             opts = replace(render_opts, bucket=True, strict=split != "test", style=look)
             names = [image_name(stems[i], style)[: -len(".png")] for i in idx]
             done = render_to_dir([detokenize(wanted[i]) for i in idx], names, img_dir, opts,

@@ -89,6 +89,8 @@ WRAP: dict[str, tuple[list[str], list[str]]] = {
 }
 # Invisible in an image: dropped like \nonumber.
 DROP = frozenset({"\\nn"})
+# The name a rewrite is counted under where one rule covers a family of shorthands.
+_RULE = {f"\\c{c}": "\\cX" for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"}
 
 
 def _argument(tokens: Sequence[str], i: int) -> tuple[list[str], int] | None:
@@ -108,7 +110,8 @@ def _argument(tokens: Sequence[str], i: int) -> tuple[list[str], int] | None:
 
 def recover(formula: str) -> tuple[str, list[str]]:
     """The normalized formula with its shorthands rewritten, and the shorthands it had (in
-    order, repeats kept once). A formula without any comes back unchanged."""
+    order, repeats kept once; ``\\cA``..``\\cZ`` all as ``\\cX``). A formula without any
+    comes back unchanged."""
     tokens = formula.split()
     if not any(t in REPLACE or t in WRAP or t in DROP for t in tokens):
         return formula, []
@@ -125,12 +128,12 @@ def recover(formula: str) -> tuple[str, list[str]]:
             before, after = WRAP[t]
             inner_text, inner_used = recover(" ".join(inner))
             out += [*before, *inner_text.split(), *after]
-            used += [t, *inner_used]
+            used += [_RULE.get(t, t), *inner_used]
             continue
         elif t not in DROP:
             out.append(t)
             i += 1
             continue
-        used.append(t)
+        used.append(_RULE.get(t, t))
         i += 1
     return " ".join(out), list(dict.fromkeys(used))

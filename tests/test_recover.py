@@ -29,7 +29,7 @@ REWRITES = [
     ("\\bm { x } + \\bm \\theta", "\\boldsymbol { x } + \\boldsymbol \\theta", ["\\bm"]),
     ("\\wt { u }", "\\widetilde { u }", ["\\wt"]),
     ("\\mathds { 1 }", "\\mathbb { 1 }", ["\\mathds"]),
-    ("\\cF _ { t }", "\\mathcal { F } _ { t }", ["\\cF"]),
+    ("\\cF _ { t } \\cA", "\\mathcal { F } _ { t } \\mathcal { A }", ["\\cX"]),
     ("\\norm { u } _ { 2 }", "\\| u \\| _ { 2 }", ["\\norm"]),
     ("\\abs x", "| x |", ["\\abs"]),
     ("\\ket { \\psi }", "| \\psi \\rangle", ["\\ket"]),
@@ -119,7 +119,15 @@ def test_build_recovers_corpus_formulas_but_not_fixed_ones(tmp_path):
     formulas = read_lines(tmp_path / "im2latex_formulas.norm.lst")
     assert "\\mathbb { R } ^ { 2 } + \\mathscr { L }" in formulas  # rendered in training
     assert "\\R + 1" in formulas  # the test label as given
-    text = "\n".join(report.lines())
-    assert "recovered: \\R" in text and "recovered: \\RR" in text
+    assert report.recovered == {"\\R": 1, "\\RR": 1}
+    assert "recovered by rewriting                  2" in report.lines()
     assert report.dropped["duplicate after recovery"] == 1
     assert report.splits == {"  train": 1, "  validate": 0, "  test": 1}
+
+
+@needs_tex
+def test_build_without_recovery_drops_them_and_says_why(tmp_path):
+    report = build_dataset(["\\R ^ { 2 } + x", "\\mathscr { L }"], tmp_path, ratios=(1, 0, 0),
+                           progress=False, render_opts=RenderOptions(workers=1), recovery=False)
+    assert report.dropped["failed to render: Undefined control sequence."] == 2
+    assert not report.recovered and report.splits["  train"] == 0
