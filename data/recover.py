@@ -89,6 +89,8 @@ WRAP: dict[str, tuple[list[str], list[str]]] = {
 }
 # Invisible in an image: dropped like \nonumber.
 DROP = frozenset({"\\nn"})
+# Rewritten only together: a lone \la is as often \lambda (``\Pi _ { \al \la }``).
+_PAIRED = {"\\la": "\\ra", "\\ra": "\\la"}
 # The name a rewrite is counted under where one rule covers a family of shorthands.
 _RULE = {f"\\c{c}": "\\cX" for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"}
 
@@ -113,7 +115,8 @@ def recover(formula: str) -> tuple[str, list[str]]:
     order, repeats kept once; ``\\cA``..``\\cZ`` all as ``\\cX``). A formula without any
     comes back unchanged."""
     tokens = formula.split()
-    if not any(t in REPLACE or t in WRAP or t in DROP for t in tokens):
+    lone = {t for t, partner in _PAIRED.items() if t in tokens and partner not in tokens}
+    if not any((t in REPLACE and t not in lone) or t in WRAP or t in DROP for t in tokens):
         return formula, []
     out: list[str] = []
     used: list[str] = []
@@ -121,7 +124,7 @@ def recover(formula: str) -> tuple[str, list[str]]:
     while i < len(tokens):
         t = tokens[i]
         arg = _argument(tokens, i + 1) if t in WRAP else None
-        if t in REPLACE:
+        if t in REPLACE and t not in lone:
             out += REPLACE[t]
         elif arg is not None:
             inner, i = arg

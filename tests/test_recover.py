@@ -47,6 +47,7 @@ def test_each_rewrite(formula, expected, used):
 
 @pytest.mark.parametrize("formula", [
     "\\Re z + \\Rightarrow + \\mathbb { R }",  # names that only start like a shorthand
+    "\\Pi _ { \\al \\la } ^ { \\la }",  # a lone \la is as often \lambda as \langle
     "\\norm",  # no argument: left alone (and dropped by the render, as before)
     "\\norm _ { 2 }",
     "\\frac { a } { b }",
