@@ -13,7 +13,8 @@ Almost all the time goes into the energies e: a tanh over B x L x A numbers at e
 attention width, 512; at full size that is 7.8M numbers per step for a batch of 32).  What keeps
 it cheap:
   * W_1 enc (the "keys") is computed once per image, not once per step.
-  * tanh(x) = 2 sigmoid(2x) - 1, and sigmoid is ~6x cheaper than tanh in PyTorch's CPU kernels.
+  * tanh(x) = 2 sigmoid(2x) - 1, and sigmoid is much cheaper than tanh in PyTorch's CPU kernels
+    (docs/performance.md).
     We store keys = 2 W_1 enc and queries q = 2 W_2 h, so sigmoid(keys + q) is exactly
     (1 + tanh(W_1 enc + W_2 h)) / 2; the "-1" only shifts all energies of a row by sum(beta), which
     softmax ignores, so e' = 2 beta . sigmoid(keys + q) gives the same alpha.
@@ -47,8 +48,8 @@ SCRATCH_BYTES_GPU = 2**30  # GPUs gain nothing from small chunks; this only caps
 def scratch_for(keys: Tensor, queries_per_image: int) -> Tensor:
     """A reusable n x N x L x A buffer for the gates of n images (n as large as the byte budget
     allows, at least 1).  On CPU it is small enough to stay in cache between the passes over it
-    (~25% faster than whole-batch passes); it is reused at every step, so no step faults in fresh
-    pages."""
+    (faster than whole-batch passes: docs/performance.md); it is reused at every step, so no
+    step faults in fresh pages."""
     batch, length, width = keys.shape
     budget = SCRATCH_BYTES if keys.device.type == "cpu" else SCRATCH_BYTES_GPU
     per_image = queries_per_image * length * width * keys.element_size()
@@ -77,7 +78,7 @@ def _attend(
     for images, buf in _chunks(batch, scratch):
         s = _gates(q[images], keys[images], buf)  # n x N x L x A
         # beta . s as an in-place multiply and a last-dim sum: two fast passes, where the
-        # equivalent matrix-vector product runs ~3x slower on CPU.
+        # equivalent matrix-vector product is slower on CPU (docs/performance.md).
         torch.sum(s.mul_(beta), dim=-1, out=energy[images])
     alpha = torch.softmax(energy.mul_(2), dim=-1)
     return torch.bmm(alpha, values), alpha
