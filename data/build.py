@@ -28,7 +28,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from data.layout import IMAGES_DIR, SPLITS, write_layout
+from data.layout import IMAGES_DIR, MAX_TRAIN_TOKENS, SPLITS, write_layout
 from data.normalize import NormalizeError, detokenize, normalize
 from data.recover import recover, train_style
 from data.render import RenderOptions, render_to_dir
@@ -40,7 +40,7 @@ class Filters:
     """The original dataset's filters, applied to train and validate only (test is kept whole so
     that scores are comparable with published ones)."""
 
-    max_tokens: int = 150
+    max_tokens: int = MAX_TRAIN_TOKENS
     max_width: int = 500
     max_height: int = 160
 
@@ -155,36 +155,15 @@ def build_dataset(lines: Iterable[str], data_dir: str | Path, *, ratios: Sequenc
     `styles`, `extra_styles`, `eval_style`: the render styles; `recovery`: data.recover's
     rewrites and training packages (see the module docstring; False builds as v1.1 did)."""
     report = BuildReport()
-    fixed_formulas: list[str] = []
-    fixed_splits: list[str] = []
-    seen: set[str] = set()
-    for split, split_lines in (fixed or {}).items():
-        got = [f for f in normalize_all(split_lines, report) if f not in seen]
-        seen.update(got)
-        report.step(f"{split} (fixed), distinct", len(got))
-        fixed_formulas += got
-        fixed_splits += [split] * len(got)
+    fixed_formulas, fixed_splits = _fixed_formulas(fixed or {}, report)
     lines = list(lines)
     report.step("input lines", len(lines))
     formulas = normalize_all(lines, report)
     report.step("normalized, distinct", len(formulas))
     if recovery:
         formulas = recover_all(formulas, report)
-
-    excluded = set(normalize_all(exclude, BuildReport())) | seen
-    if excluded:
-        kept = []
-        for f in formulas:
-            if f in excluded:
-                report.drop("in an --exclude list or a fixed split", f)
-            else:
-                kept.append(f)
-        formulas = kept
-        report.step("after exclusions", len(formulas))
-    if sample and len(formulas) > sample:
-        keep = set(random.Random(seed).sample(range(len(formulas)), sample))
-        formulas = [f for i, f in enumerate(formulas) if i in keep]
-        report.step(f"--sample {sample}", len(formulas))
+    formulas = _select(formulas, set(normalize_all(exclude, BuildReport())) | set(fixed_formulas),
+                       sample, seed, report)
 
     splits = fixed_splits + assign_splits(len(formulas), ratios, seed)
     formulas = fixed_formulas + formulas
@@ -207,6 +186,42 @@ def build_dataset(lines: Iterable[str], data_dir: str | Path, *, ratios: Sequenc
     write_layout(data_dir, wanted, rows)
     report.splits = {f"  {s}": len(r) for s, r in rows.items()}
     return report
+
+
+def _fixed_formulas(fixed: dict[str, Iterable[str]], report: BuildReport
+                    ) -> tuple[list[str], list[str]]:
+    """The normalized formulas of the fixed splits and their split names; a formula listed in
+    two fixed splits stays in the first."""
+    formulas: list[str] = []
+    splits: list[str] = []
+    seen: set[str] = set()
+    for split, split_lines in fixed.items():
+        got = [f for f in normalize_all(split_lines, report) if f not in seen]
+        seen.update(got)
+        report.step(f"{split} (fixed), distinct", len(got))
+        formulas += got
+        splits += [split] * len(got)
+    return formulas, splits
+
+
+def _select(formulas: list[str], excluded: set[str], sample: int, seed: int,
+            report: BuildReport) -> list[str]:
+    """Drop the excluded formulas (an --exclude list and the fixed splits' formulas), then keep
+    a seeded random `sample` of the rest when one is asked for."""
+    if excluded:
+        kept = []
+        for f in formulas:
+            if f in excluded:
+                report.drop("in an --exclude list or a fixed split", f)
+            else:
+                kept.append(f)
+        formulas = kept
+        report.step("after exclusions", len(formulas))
+    if sample and len(formulas) > sample:
+        keep = set(random.Random(seed).sample(range(len(formulas)), sample))
+        formulas = [f for i, f in enumerate(formulas) if i in keep]
+        report.step(f"--sample {sample}", len(formulas))
+    return formulas
 
 
 def _render_plan(wanted: Sequence[str], splits: Sequence[str], plan: Sequence[Sequence[str]],

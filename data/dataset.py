@@ -16,13 +16,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from data.layout import MAX_TRAIN_TOKENS
 from data.shards import Bucket, load_split
 from data.vocab import Vocab
 
-# Longer formulas are not trained on (`FormulaDataset(max_len=...)`, train.py --max_len): the
-# IM2LATEX-100K filter. A training filter, not the decoding cap (im2latex.decoding.MAX_LEN),
-# though both are 150 today.
-MAX_TRAIN_TOKENS = 150
+__all__ = ["MAX_TRAIN_TOKENS", "BucketBatchSampler", "FormulaDataset", "collate"]
+
 
 
 class FormulaDataset(Dataset):

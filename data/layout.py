@@ -16,6 +16,11 @@ from data.files import atomic_write
 IMAGES_DIR = "formula_images_processed"
 FORMULAS_FILE = "im2latex_formulas.norm.lst"
 SPLITS = ("train", "validate", "test")
+# Longer formulas are not trained on: the IM2LATEX-100K filter, applied when a dataset is built
+# (data.build.Filters, train and validate only) and again when it is loaded for training
+# (data.dataset.FormulaDataset, train.py --max_len). A training filter, not the decoding cap
+# (im2latex.decoding.MAX_LEN), though both are 150 today.
+MAX_TRAIN_TOKENS = 150
 
 
 def split_file(split: str) -> str:
