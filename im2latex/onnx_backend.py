@@ -64,6 +64,10 @@ def read_meta(onnx_dir: str | Path) -> dict:
     return meta
 
 
+# Decoder steps of at most this many rows (images x beams) run on one thread.
+SMALL_STEP_ROWS = 4
+
+
 def _session(path: Path, threads: int | None) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     # as torch: intra-op threads = physical cores unless told (0 is onnxruntime's "default"),
@@ -100,6 +104,11 @@ class OnnxBackend:
             onnx_dir / CALIBRATION, digest if isinstance(digest, str) else "")
         self.encoder = _session(onnx_dir / ENCODER, threads)
         self.decoder_step = _session(onnx_dir / DECODER_STEP, threads)
+        # A step of a few rows is too small to split across threads (the hand-off costs more
+        # than it saves: docs/performance.md), so those run on a one-thread session of the
+        # same graph; batches and beams keep all threads.
+        self.small_step = (self.decoder_step if threads == 1
+                           else _session(onnx_dir / DECODER_STEP, 1))
 
     def predict(self, images: Sequence[np.ndarray], *, beam_size: int, max_len: int,
                 batch_size: int, on_batch: Callable[[int], None] | None = None
@@ -181,7 +190,8 @@ class OnnxBackend:
               enc: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         feed = {"token": prev, "h": state[0], "c": state[1], "o": state[2], "keys": keys,
                 "enc": enc}
-        logp, *state = self.decoder_step.run(["logp", "h_out", "c_out", "o_out"], feed)
+        session = self.small_step if len(prev) <= SMALL_STEP_ROWS else self.decoder_step
+        logp, *state = session.run(["logp", "h_out", "c_out", "o_out"], feed)
         return logp, state
 
     def greedy(self, memory: dict[str, np.ndarray], max_len: int
