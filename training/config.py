@@ -24,6 +24,8 @@ from model.im2latex import ModelConfig
 from model.sampling import METHODS
 from model.selection import LEGACY, METRICS
 
+SCHEDULES = ("plateau", "cosine", "onecycle")  # training/schedule.py
+
 
 def augment_level(text: str) -> float:
     try:
@@ -32,14 +34,31 @@ def augment_level(text: str) -> float:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def epoch_count(text: str) -> int:
+def count(expected: str) -> Callable[[str], int]:
+    """An argparse type for a whole number >= 0; `expected` says what it counts."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            n = -1
+        if n < 0:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return n
+    return parse
+
+
+epoch_count = count("0 (off) or a number of epochs")
+step_count = count("a number of steps >= 0")
+
+
+def smoothing(text: str) -> float:
     try:
-        n = int(text)
+        eps = float(text)
     except ValueError:
-        n = -1
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected 0 (off) or a number of epochs, got {text!r}")
-    return n
+        eps = -1.0
+    if not 0.0 <= eps < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a label smoothing in [0, 1), got {text!r}")
+    return eps
 
 
 def default_device() -> str:
@@ -87,6 +106,20 @@ class TrainConfig:
     early_stop: int = option(0, "stop after N epochs without improvement of --select_by "
                              "(0: off)", run=True, type=epoch_count, metavar="N")
     freeze_encoder: bool = option(False, "train the decoder only", run=True)
+    schedule: str = option("plateau", "learning-rate schedule (training/schedule.py says why "
+                           "each): plateau (per epoch, --lr_decay/--lr_patience), cosine "
+                           "(warm-up, cosine decay to --min_lr) or onecycle; fixed for a run",
+                           run=True, choices=SCHEDULES)
+    warmup_steps: int = option(0, "cosine/onecycle: optimizer steps of warm-up to --lr (0: "
+                               "none for cosine, 30%% of the horizon for onecycle)", run=True,
+                               type=step_count, metavar="N")
+    schedule_steps: int = option(0, "cosine/onecycle: the step at which the rate reaches "
+                                 "--min_lr (0: --epoches x steps per epoch)", run=True,
+                                 type=step_count, metavar="N")
+    label_smoothing: float = option(0.0, "label smoothing of the training loss only: the "
+                                    "validation loss and token accuracy stay plain "
+                                    "cross-entropy, so runs with and without it compare",
+                                    run=True, type=smoothing, metavar="EPS")
     # run control
     resume: bool = option(False, "resume from the latest checkpoint in --save_dir",
                           flags=("--from_check_point", "--resume"))
@@ -120,8 +153,9 @@ class TrainConfig:
         """Continue a run with the settings it was started with (`saved`: its checkpoint's
         "args"): options given on the command line win, and those that differ from the run's
         are returned (e.g. a lower `--lr` by hand for the last epochs). Runs saved before
-        --select_by existed were selected by the loss."""
-        saved = {"select_by": LEGACY, **saved}
+        --select_by existed were selected by the loss, and those before --schedule by the
+        plateau schedule with plain cross-entropy."""
+        saved = {"select_by": LEGACY, "schedule": "plateau", "label_smoothing": 0.0, **saved}
         given, kept, changed = set(given), {}, set()
         for name in RUN_OPTIONS:
             if name not in saved:
