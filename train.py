@@ -28,7 +28,8 @@ from training.config import TrainConfig, parse_args
 from training.distributed import Dist
 from training.loop import Trainer, end_epoch, train_one_epoch, validate
 from training.runtime import bf16_is_native, use_tf32_on_cuda
-from training.start import load_data, place, restore_optimizer, schedule, start_run, wrap
+from training.schedule import make_schedule
+from training.start import load_data, place, restore_optimizer, start_run, wrap
 from training.state import RunState
 
 
@@ -74,7 +75,7 @@ def train(cfg: TrainConfig, given: frozenset[str], d: Dist) -> None:
           + (f"; stop after {sel.patience} epochs without improvement" if sel.patience else
              "; no early stop") + ("" if len(data.val) else " (no validation images: the "
                                    "training loss stands in)"))
-    scheduler = schedule(optimizer, cfg, sel)
+    cfg, scheduler = make_schedule(optimizer, cfg, sel, len(data.sampler), d.log)
 
     # where the run stands: its start, or the checkpoint's epoch, step, best and RNG states
     torch.manual_seed(cfg.seed + d.rank)  # different dropout masks per rank

@@ -31,18 +31,21 @@ from training import RunError
 from training.config import TrainConfig
 from training.distributed import Dist
 from training.log import write_log
+from training.schedule import Schedule
 from training.start import Data
 from training.state import RunState
 
 
-def token_loss_sum(logits: torch.Tensor, tgt_out: torch.Tensor, pad: int) -> torch.Tensor:
+def token_loss_sum(logits: torch.Tensor, tgt_out: torch.Tensor, pad: int,
+                   smoothing: float = 0.0) -> torch.Tensor:
     # logits: B x T x V, tgt_out: B x T -> summed cross-entropy over non-pad tokens
+    # (label-smoothed for the training loss by --label_smoothing; validation passes 0)
     return F.cross_entropy(logits.flatten(0, 1).float(), tgt_out.flatten(), ignore_index=pad,
-                           reduction="sum")
+                           reduction="sum", label_smoothing=smoothing)
 
 
 def train_step(model: torch.nn.Module, batch: dict, tf: float, d: Dist, pad: int,
-               chunks: int, amp: bool) -> float:
+               chunks: int, amp: bool, smoothing: float = 0.0) -> float:
     """Forward and backward one global batch; returns its mean token loss.
 
     The loss is a sum over tokens divided by the global token count, so gradients are
@@ -59,7 +62,8 @@ def train_step(model: torch.nn.Module, batch: dict, tf: float, d: Dist, pad: int
         with sync:
             logits = model(imgs.to(d.device, non_blocking=True),
                            tgt_in.to(d.device, non_blocking=True), teacher_forcing=tf, amp=amp)
-            loss_sum = token_loss_sum(logits, out.to(d.device, non_blocking=True), pad)
+            loss_sum = token_loss_sum(logits, out.to(d.device, non_blocking=True), pad,
+                                      smoothing)
             (loss_sum * scale).backward()
         total += loss_sum.item()
     return d.sum(total)[0] / max(tokens, 1)
@@ -99,7 +103,7 @@ class Trainer:
     net: torch.nn.Module
     vocab: Vocab
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau
+    scheduler: Schedule
     sel: Selection
     amp: bool
     started: float = field(default_factory=time.time)
@@ -112,7 +116,7 @@ class Trainer:
     def checkpoint_parts(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "model_config": self.model.cfg.to_dict(),
                 "vocab": self.vocab.to_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "args": self.cfg.to_dict()}
+                **self.scheduler.checkpoint_parts(), "args": self.cfg.to_dict()}
 
     def save(self, state: RunState, *names: str, epoch_end: dict | None = None) -> None:
         state.save(self.d, self.checkpoint_parts, *(self.cfg.save_dir / n for n in names),
@@ -135,6 +139,7 @@ class Trainer:
                            f"optimizer step, {self.cfg.save_dir / LAST} is left as it was. Try "
                            "a lower --lr or --clip, or check the data")
         self.optimizer.step()
+        self.scheduler.optimizer_stepped()
         return loss
 
     def forward_backward(self, batch: dict, tf: float, step: int) -> float:
@@ -145,7 +150,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             try:
                 return train_step(self.net, batch, tf, self.d, self.vocab.pad_id, self.chunks,
-                                  self.amp)
+                                  self.amp, self.cfg.label_smoothing)
             except torch.cuda.OutOfMemoryError:
                 if self.d.world > 1 or self.chunks >= len(batch["imgs"]):
                     raise
@@ -220,7 +225,8 @@ def train_one_epoch(t: Trainer, state: RunState, data: Data) -> Epoch:
             bar.set_postfix(loss=f"{loss:.3f}", ppl=f"{math.exp(min(loss, 50)):.2f}",
                             lr=f"{t.lr:.1e}")
             if cfg.quiet and state.step % cfg.print_freq == 0:
-                d.log(f"epoch {state.epoch + 1} step {state.step} loss {loss:.4f}", flush=True)
+                d.log(f"epoch {state.epoch + 1} step {state.step} loss {loss:.4f} lr {t.lr:.3g}",
+                      flush=True)
             stop = t.wants_stop(state.step)
             if stop or state.step % cfg.save_every == 0:
                 t.save(state, LAST)
@@ -242,7 +248,7 @@ def end_epoch(t: Trainer, state: RunState, metrics: dict[str, float], data_wait:
     if math.isnan(metrics["val_loss"]):  # no validation data: follow the training loss
         metrics["val_loss"] = state.train_loss
     figure = metrics[t.sel.key]
-    t.scheduler.step(figure)
+    t.scheduler.epoch_end(figure)
     improved = state.end_epoch(figure, metrics["val_loss"], t.sel)
     train_loss = state.train_loss
     row = {"epoch": state.epoch, "step": state.step, "train_loss": round(train_loss, 5),

@@ -24,9 +24,8 @@ from training import RunError
 from training.config import TrainConfig
 from training.distributed import Dist
 from training.log import CURVES, LOG
+from training.schedule import FIXED_PER_STEP, Schedule
 from training.state import finish_epoch_end
-
-Scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau
 
 
 @dataclass
@@ -55,6 +54,11 @@ def resume_run(cfg: TrainConfig, given: frozenset[str], d: Dist) -> Start:
     if d.main:
         finish_epoch_end(cfg.save_dir, ckpt)
     cfg, changed = cfg.resumed(ckpt.get("args", {}), given, d.log)
+    fixed = changed & {"schedule", *(FIXED_PER_STEP if cfg.schedule != "plateau" else ())}
+    if fixed:
+        raise RunError(f"--{' --'.join(sorted(fixed))} cannot change when a run resumes: its "
+                       "learning-rate schedule is fixed; start a new run from its weights "
+                       f"instead (--init_from {last})")
     model, vocab = model_from_checkpoint(ckpt, source=str(last))
     data_vocab_path = cfg.data_path / "vocab.json"
     data_vocab = Vocab.load(data_vocab_path) if data_vocab_path.is_file() else vocab
@@ -151,22 +155,14 @@ def load_data(cfg: TrainConfig, d: Dist, vocab: Vocab) -> Data:
     return Data(train, val, sampler, val_loader)
 
 
-def schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, sel: Selection) -> Scheduler:
-    """The plateau schedule of the learning rate, following the figure the run is selected by."""
-    return Scheduler(optimizer, mode=sel.mode, factor=cfg.lr_decay, patience=cfg.lr_patience,
-                     min_lr=cfg.min_lr)
-
-
-def restore_optimizer(optimizer: torch.optim.Optimizer, scheduler: Scheduler, start: Start,
+def restore_optimizer(optimizer: torch.optim.Optimizer, scheduler: Schedule, start: Start,
                       sel: Selection, d: Dist) -> None:
-    """The resumed run's optimizer and schedule state; a --lr given anew replaces the saved
-    rate, and a schedule of the other figure (--select_by changed) restarts."""
+    """The resumed run's optimizer and schedule state; a --lr given anew (plateau schedule
+    only) replaces the saved rate, and a plateau schedule of the other figure (--select_by
+    changed) restarts."""
     ckpt = start.resume
     optimizer.load_state_dict(ckpt["optimizer"])
-    if ckpt["scheduler"].get("mode", "min") == sel.mode:
-        scheduler.load_state_dict(ckpt["scheduler"])
-    else:  # its plateau count and best were of the other figure; the rate is kept
-        d.log(f"note: the plateau schedule restarts, following {sel.key} now")
+    scheduler.restore(ckpt, sel, d.log)
     if "lr" in start.changed:  # the optimizer state carries the old rate: the new one wins
         for group in optimizer.param_groups:
             group["lr"] = start.cfg.lr
