@@ -111,7 +111,8 @@ def make_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, sel: Selec
     if not 0 <= cfg.min_lr <= cfg.lr:
         raise RunError(f"--schedule {cfg.schedule} decays from --lr {cfg.lr:g} to --min_lr "
                        f"{cfg.min_lr:g}: --min_lr must be in [0, --lr]")
-    log(f"learning rate: {cfg.schedule}, warm-up {cfg.warmup_steps} steps, peak {cfg.lr:g}, "
+    warmup = cfg.warmup_steps or (round(0.3 * total) if cfg.schedule == "onecycle" else 0)
+    log(f"learning rate: {cfg.schedule}, warm-up {warmup} steps, peak {cfg.lr:g}, "
         f"{cfg.min_lr:g} from step {total} on (the plateau schedule is off)")
     if cfg.schedule == "cosine":
         floor = cfg.min_lr / cfg.lr
