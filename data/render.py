@@ -12,7 +12,8 @@ dataset's. This module is the public face (options, results, ``render_formulas``
 - data.tex_process: one sandboxed, limited pdflatex run, watched formula by formula;
 - data.rasterize: the PDF to pages with Ghostscript, sandboxed alike;
 - data.render_batches: a batch to images, a derailing formula isolated, and the work folders;
-- data.render_options: the options and results they share.
+- data.render_options: the options and results they share;
+- data.failed_renders: the lasting failures ``render_to_dir`` remembers, so reruns skip them.
 
 Errors: with ``strict=False`` (default) a formula whose only problems are TeX errors that
 TeX recovers from is rendered as the original dataset was (``pdflatex -interaction=
@@ -28,6 +29,7 @@ rlimits and time limits (data.tex_process says exactly how).
 from __future__ import annotations
 
 import shutil
+import sys
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
@@ -36,6 +38,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from data.failed_renders import FailedRenders
 from data.files import atomic_open, remove_stale_temps
 from data.render_batches import (
     WORKDIR_PREFIX,
@@ -71,6 +74,12 @@ class RenderReport:
     failed: int = 0
     failed_names: list[str] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)
+    remembered: int = 0  # of the failed: recorded by an earlier run, not rendered again
+
+    def fail(self, name: str, error: str) -> None:
+        self.failed += 1
+        self.failed_names.append(name)
+        self.errors[name] = error
 
 
 def check_tools() -> None:
@@ -143,33 +152,43 @@ def _write_png(img: np.ndarray, path: Path) -> None:
 
 def render_to_dir(
     formulas: Sequence[str], names: Sequence[str], out_dir: Path,
-    opts: RenderOptions = _DEFAULT, progress: bool = True,
+    opts: RenderOptions = _DEFAULT, progress: bool = True, retry_failed: bool = False,
 ) -> RenderReport:
     """Write ``out_dir/NAME.png`` for each formula; PNGs already there are kept (resumable),
-    the half-written ones of a killed run removed."""
+    the half-written ones of a killed run removed. A lasting failure (a TeX error, not a
+    timeout) is recorded in ``out_dir/.failed/`` (data.failed_renders), and a rerun with the
+    same options reports it failed again, with its reason, without rendering it: reruns cost
+    what the new formulas cost. ``retry_failed``: render those again (their records go)."""
     if len(formulas) != len(names):
         raise ValueError("formulas and names differ in length")
+    for name in names:
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise ValueError(f"bad image name: {name!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out_dir)
     report = RenderReport()
-    todo_idx = []
-    for i, name in enumerate(names):
-        if Path(name).name != name or name in ("", ".", ".."):
-            raise ValueError(f"bad image name: {name!r}")
-        if (out_dir / f"{name}.png").exists():
-            report.skipped += 1
-        else:
-            todo_idx.append(i)
-    todo = [formulas[i] for i in todo_idx]
-    for j, result in iter_render(todo, opts, progress):
-        name = names[todo_idx[j]]
-        if result.image is None:
-            report.failed += 1
-            report.failed_names.append(name)
-            report.errors[name] = result.error or "failed"
-        else:
-            _write_png(result.image, out_dir / f"{name}.png")
-            report.rendered += 1
+    with FailedRenders(out_dir, opts, forget=set(names) if retry_failed else ()) as records:
+        todo_idx = []
+        for i, name in enumerate(names):
+            if (out_dir / f"{name}.png").exists():
+                report.skipped += 1
+            elif (error := records.get(name, formulas[i])) is not None:
+                report.fail(name, error)
+                report.remembered += 1
+            else:
+                todo_idx.append(i)
+        if progress and report.remembered:
+            print(f"{report.remembered} formulas failed for good (a TeX error) in an earlier "
+                  f"run: reported failed, not rendered again ({records.path}; "
+                  "preprocess.py --retry_failed renders them)", file=sys.stderr)
+        for j, result in iter_render([formulas[i] for i in todo_idx], opts, progress):
+            i = todo_idx[j]
+            if result.image is None:
+                report.fail(names[i], result.error or "failed")
+                records.add(names[i], formulas[i], result.error)
+            else:
+                _write_png(result.image, out_dir / f"{names[i]}.png")
+                report.rendered += 1
     report.failed_names.sort()
     return report

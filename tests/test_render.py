@@ -254,7 +254,8 @@ def test_render_to_dir_writes_skips_and_reports(tmp_path, solo):
     assert report.failed_names == ["broken"] and "broken" in report.errors
     assert same(read_gray_png(out / "a.png"), solo[GOOD[0]])
     assert read_gray_png(out / "b.png").shape == (3, 3)
-    assert sorted(os.listdir(out)) == ["a.png", "b.png", "d.png"]  # no temp files, none left
+    # No temp files, none left; .failed: the record of "broken" (data.failed_renders).
+    assert sorted(os.listdir(out)) == [".failed", "a.png", "b.png", "d.png"]
     again = render_to_dir(formulas, names, out, FAST, progress=False)
     assert (again.rendered, again.skipped, again.failed) == (0, 3, 1)
     with pytest.raises(ValueError):
