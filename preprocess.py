@@ -61,6 +61,10 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no_recover", action="store_true",
                    help="with --render: no rewriting of shorthands (\\R -> \\mathbb { R }) and no "
                         "extra packages for training renders (data/recover.py): as v1.1 built")
+    p.add_argument("--retry_failed", action="store_true",
+                   help="render again the formulas an earlier run of this build recorded as "
+                        "failing with a TeX error (DIR/formula_images_processed/.failed/); "
+                        "default: report them failed again without TeX")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="TeX processes")
     p.add_argument("--no_shards", action="store_true", help="build the layout only")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -107,7 +111,7 @@ def build(args: argparse.Namespace) -> BuildReport:
                            render_opts=RenderOptions(workers=args.workers),
                            progress=not args.quiet, styles=styles,
                            extra_styles=args.extra_styles, eval_style=eval_style,
-                           recovery=not args.no_recover)
+                           recovery=not args.no_recover, retry_failed=args.retry_failed)
     print("\n".join(report.lines()))
     return report
 

@@ -148,12 +148,14 @@ def build_dataset(lines: Iterable[str], data_dir: str | Path, *, ratios: Sequenc
                   filters: Filters = Filters(), render_opts: RenderOptions = RenderOptions(),
                   progress: bool = True, styles: Sequence[str] = (DEFAULT_STYLE,),
                   extra_styles: int = 1, eval_style: str = DEFAULT_STYLE,
-                  recovery: bool = True) -> BuildReport:
+                  recovery: bool = True, retry_failed: bool = False) -> BuildReport:
     """`lines` are split by `ratios`; `fixed` maps a split to formulas that all go there (e.g. the
     real validation and test sets), and those never appear in another split. `sample` keeps a
     seeded random subset of `lines` (after normalizing and excluding), to fit a time budget.
     `styles`, `extra_styles`, `eval_style`: the render styles; `recovery`: data.recover's
-    rewrites and training packages (see the module docstring; False builds as v1.1 did)."""
+    rewrites and training packages (see the module docstring; False builds as v1.1 did);
+    `retry_failed`: render again the formulas an earlier run recorded as failing for good
+    (data.failed_renders; by default they are reported failed again without TeX)."""
     report = BuildReport()
     fixed_formulas, fixed_splits = _fixed_formulas(fixed or {}, report)
     lines = list(lines)
@@ -181,7 +183,7 @@ def build_dataset(lines: Iterable[str], data_dir: str | Path, *, ratios: Sequenc
     plan = [styles_for(f, styles, extra_styles, seed) if split_of[f] == "train"
             else [eval_style] for f in wanted]
     errors = _render_plan(wanted, [split_of[f] for f in wanted], plan, img_dir,
-                          render_opts, progress, recovery)
+                          render_opts, progress, recovery, retry_failed)
     rows = _collect_rows(wanted, split_of, plan, img_dir, filters, report, errors)
     write_layout(data_dir, wanted, rows)
     report.splits = {f"  {s}": len(r) for s, r in rows.items()}
@@ -226,7 +228,7 @@ def _select(formulas: list[str], excluded: set[str], sample: int, seed: int,
 
 def _render_plan(wanted: Sequence[str], splits: Sequence[str], plan: Sequence[Sequence[str]],
                  img_dir: Path, render_opts: RenderOptions, progress: bool,
-                 recovery: bool) -> dict[str, str]:
+                 recovery: bool, retry_failed: bool) -> dict[str, str]:
     """Render every (formula, style) of the plan: one pass per style and split, so each TeX
     document holds one style; images already on disk are kept (a rerun resumes). Returns the
     reason each image failed, by PNG name."""
@@ -247,7 +249,7 @@ def _render_plan(wanted: Sequence[str], splits: Sequence[str], plan: Sequence[Se
             opts = replace(render_opts, bucket=True, strict=split != "test", style=look)
             names = [image_name(stems[i], style)[: -len(".png")] for i in idx]
             done = render_to_dir([detokenize(wanted[i]) for i in idx], names, img_dir, opts,
-                                 progress=progress)
+                                 progress=progress, retry_failed=retry_failed)
             errors.update({f"{n}.png": e for n, e in done.errors.items()})
     return errors
 
