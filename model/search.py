@@ -1,9 +1,10 @@
-"""Greedy decoding and batched beam search over a `Decoder`.
+"""Greedy decoding, sampling and batched beam search over a `Decoder`.
 
-Both take the encoder output of a whole batch (computed once, by the caller, without autograd),
-compute the attention keys once, and then advance all images (and all K hypotheses of each image)
-together with a few tensor ops per step: no Python loop over images or hypotheses, and the only
-host sync per step is the "has everything finished?" check that lets them stop early.
+All take the encoder output of a whole batch (computed once, by the caller, without autograd),
+compute the attention keys once, and then advance all images (and all K hypotheses or samples of
+each image) together with a few tensor ops per step: no Python loop over images or hypotheses,
+and the only host sync per step is the "has everything finished?" check that lets them stop
+early.
 
 Beam search keeps K hypotheses per image in B x K tensors (rows of the decoder state are
 image-major, row = b * K + k).  The K hypotheses of an image share one copy of its encoder output
@@ -18,6 +19,7 @@ token log-probability, the same number reported as the confidence in `Decoded.sc
 length_norm = 0 picks the most probable sequence, which favours short outputs.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -38,19 +40,25 @@ def _strip(rows: list[list[int]], eos: int) -> list[list[int]]:
     return [row[: row.index(eos)] if eos in row else row for row in rows]
 
 
-def greedy_search(
+def _decode(
     decoder: Decoder,
     enc: Tensor,
     bos: int,
     eos: int,
-    max_len: int = MAX_LEN,
+    max_len: int,
+    pick: Callable[[Tensor], tuple[Tensor, Tensor]],
+    rows_per_image: int = 1,
     return_attention: bool = False,
 ) -> Decoded:
-    """enc B x L x C -> argmax decoding of every image; attention is B x T x L when requested."""
-    batch = enc.shape[0]
+    """The loop greedy and sampled decoding share: enc B x L x C -> R = B x rows_per_image rows
+    (image-major), each advanced by `pick(logp R x V) -> (chosen token's log-prob R, token R)`.
+    The rows of an image share its keys, as beam search's hypotheses do."""
+    batch = enc.shape[0] * rows_per_image
     keys = decoder.attention.keys(enc)  # B x L x A
-    scratch = scratch_for(keys, 1)
+    scratch = scratch_for(keys, rows_per_image)
     state = decoder.init_state(enc)
+    if rows_per_image > 1:
+        state = DecoderState(*(s.repeat_interleave(rows_per_image, dim=0) for s in state))
     prev = torch.full((batch,), bos, dtype=torch.long, device=enc.device)
     finished = torch.zeros(batch, dtype=torch.bool, device=enc.device)
     total = torch.zeros(batch, device=enc.device)  # summed log-prob of the emitted tokens
@@ -58,10 +66,10 @@ def greedy_search(
     tokens, alphas = [], []
     for _ in range(max_len):
         state, alpha = decoder.step(state, prev, keys, enc, scratch)
-        logp = torch.log_softmax(decoder.W_out(state.o), dim=-1)  # B x V
-        best, prev = logp.max(dim=-1)  # B, B
+        logp = torch.log_softmax(decoder.W_out(state.o), dim=-1)  # R x V
+        chosen, prev = pick(logp)  # R, R
         alive = ~finished
-        total += torch.where(alive, best, 0.0)
+        total += torch.where(alive, chosen, 0.0)
         length += alive
         tokens.append(prev)
         if return_attention:
@@ -74,6 +82,45 @@ def greedy_search(
         scores=total / length,
         attention=torch.stack(alphas, dim=1) if return_attention else None,
     )
+
+
+def greedy_search(
+    decoder: Decoder,
+    enc: Tensor,
+    bos: int,
+    eos: int,
+    max_len: int = MAX_LEN,
+    return_attention: bool = False,
+) -> Decoded:
+    """enc B x L x C -> argmax decoding of every image; attention is B x T x L when requested."""
+    return _decode(decoder, enc, bos, eos, max_len, lambda logp: logp.max(dim=-1),
+                   return_attention=return_attention)
+
+
+def sample_search(
+    decoder: Decoder,
+    enc: Tensor,
+    bos: int,
+    eos: int,
+    max_len: int = MAX_LEN,
+    samples: int = 1,
+    generator: torch.Generator | None = None,
+) -> Decoded:
+    """enc B x L x C -> `samples` sequences per image (B x samples rows, image-major), each
+    token drawn from the model's softmax (temperature 1) with `generator` (None: torch's
+    default RNG of enc's device, the one a training checkpoint saves).
+
+    A row that has not drawn eos after max_len tokens is cut there: its `tokens` are then
+    max_len long, while a finished row's are shorter (eos is not among them). Sequence-level
+    training (training/sequence.py) rewards the samples."""
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+
+    def draw(logp: Tensor) -> tuple[Tensor, Tensor]:
+        token = torch.multinomial(logp.exp(), 1, generator=generator)  # R x 1
+        return logp.gather(1, token).squeeze(1), token.squeeze(1)
+
+    return _decode(decoder, enc, bos, eos, max_len, draw, rows_per_image=samples)
 
 
 def beam_search(
