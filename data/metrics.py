@@ -1,5 +1,6 @@
 """Scores of predicted formulas against references: BLEU-4, edit distance, exact match, and the
-rendered-image metrics of Deng et al. 2017.
+rendered-image metrics of Deng et al. 2017; per-sentence BLEU and edit similarity for
+sequence-level training's rewards (training/sequence.py).
 
 All scores are corpus-level over token sequences, one reference per image, nothing truncated:
 the published luopeixiang/im2latex numbers were depressed by merged result lines and references
@@ -13,12 +14,37 @@ from collections.abc import Sequence
 
 import Levenshtein
 import numpy as np
-from nltk.translate.bleu_score import corpus_bleu
+from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu
+from nltk.translate.bleu_score import sentence_bleu as nltk_sentence_bleu
 
 
 def token_distance(a: Sequence, b: Sequence) -> int:
     """Levenshtein distance between two sequences of tokens (or of image columns)."""
     return Levenshtein.distance(a, b)
+
+
+def edit_similarity(ref: Sequence, hyp: Sequence) -> float:
+    """1 - token edit distance / the longer length, in [0, 1]: one sentence's share of
+    `text_scores`' edit-distance figure (1 for two empty sequences)."""
+    longest = max(len(ref), len(hyp))
+    return 1.0 - token_distance(ref, hyp) / longest if longest else 1.0
+
+
+_SMOOTH = SmoothingFunction().method3  # Chen & Cherry's "exp": 1/2^k for the k-th empty order
+
+
+def sentence_bleu(ref: Sequence, hyp: Sequence) -> float:
+    """BLEU-4 of one prediction against its reference, in [0, 1] (nltk, as `text_scores`).
+
+    One sentence needs what a corpus does not: smoothing (Chen & Cherry 2014's method 3, the
+    "exp" smoothing sacrebleu's sentence BLEU uses), so that a prediction with no matching
+    4-gram still scores by its other orders instead of 0; and the effective order (n-grams up
+    to the prediction's length), so that an exact match shorter than 4 tokens scores 1."""
+    if not ref or not hyp:
+        return float(len(ref) == len(hyp))
+    order = min(4, len(hyp))
+    return nltk_sentence_bleu([list(ref)], list(hyp), weights=(1 / order,) * order,
+                              smoothing_function=_SMOOTH)
 
 
 def text_scores(refs: Sequence[str], hyps: Sequence[str]) -> dict[str, float]:
