@@ -139,14 +139,19 @@ class Im2Latex(nn.Module):
         teacher_forcing: float = 1.0,
         generator: torch.Generator | None = None,
         amp: bool = False,
+        image_of_row: Tensor | None = None,
     ) -> Tensor:
         """Training pass: imgs B x 1 x H x W, tgt_in B x T (<s> first) -> raw logits B x T x V.
 
         teacher_forcing is the scheduled-sampling epsilon: at each step t > 0 each example feeds
         the true previous token with that probability, else the model's own previous argmax
-        (coins drawn from `generator`).
+        (coins drawn from `generator`).  image_of_row (R, optional): tgt_in is then R x T and
+        row r reads image image_of_row[r], so several sequences of an image share one encoder
+        pass (sequence-level training scores K samples per image: training/sequence.py).
         """
         enc = self.encode(imgs, amp)
+        if image_of_row is not None:
+            enc = enc.index_select(0, image_of_row)  # R x L x C; gradients sum per image
         with torch.autocast(enc.device.type, enabled=False):
             return self.decoder(enc, tgt_in, teacher_forcing, generator)
 
