@@ -23,6 +23,8 @@ from data.dataset import MAX_TRAIN_TOKENS
 from model.im2latex import ModelConfig
 from model.sampling import METHODS
 from model.selection import LEGACY, METRICS
+from training.sequence import METHODS as SEQ_TRAIN
+from training.sequence import REWARDS
 
 SCHEDULES = ("plateau", "cosine", "onecycle")  # training/schedule.py
 
@@ -34,14 +36,14 @@ def augment_level(text: str) -> float:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def count(expected: str) -> Callable[[str], int]:
-    """An argparse type for a whole number >= 0; `expected` says what it counts."""
+def count(expected: str, least: int = 0) -> Callable[[str], int]:
+    """An argparse type for a whole number >= `least`; `expected` says what it counts."""
     def parse(text: str) -> int:
         try:
             n = int(text)
         except ValueError:
-            n = -1
-        if n < 0:
+            n = least - 1
+        if n < least:
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
         return n
     return parse
@@ -49,16 +51,24 @@ def count(expected: str) -> Callable[[str], int]:
 
 epoch_count = count("0 (off) or a number of epochs")
 step_count = count("a number of steps >= 0")
+sample_count = count("a number of samples >= 1", least=1)
 
 
-def smoothing(text: str) -> float:
-    try:
-        eps = float(text)
-    except ValueError:
-        eps = -1.0
-    if not 0.0 <= eps < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a label smoothing in [0, 1), got {text!r}")
-    return eps
+def share(expected: str, below_one: bool) -> Callable[[str], float]:
+    """An argparse type for a number in [0, 1] (in [0, 1) if `below_one`)."""
+    def parse(text: str) -> float:
+        try:
+            x = float(text)
+        except ValueError:
+            x = -1.0
+        if not (0.0 <= x < 1.0 if below_one else 0.0 <= x <= 1.0):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return x
+    return parse
+
+
+smoothing = share("a label smoothing in [0, 1)", below_one=True)
+mix_weight = share("a weight in [0, 1]", below_one=False)
 
 
 def default_device() -> str:
@@ -120,6 +130,20 @@ class TrainConfig:
                                     "validation loss and token accuracy stay plain "
                                     "cross-entropy, so runs with and without it compare",
                                     run=True, type=smoothing, metavar="EPS")
+    seq_train: str = option("none", "sequence-level fine-tuning after maximum-likelihood "
+                            "training (training/sequence.py): scst, self-critical sequence "
+                            "training against --seq_reward, mixed with the ML loss by "
+                            "--seq_mix (dropout off); none: plain training, older runs "
+                            "reproduce", run=True, choices=SEQ_TRAIN)
+    seq_samples: int = option(4, "scst: sequences sampled per image (each step decodes K + 1 "
+                              "per image and trains on K + 1)", run=True, type=sample_count,
+                              metavar="K")
+    seq_reward: str = option("bleu", "scst: a sequence's reward against its reference: "
+                             "sentence BLEU-4 (smoothed) or edit (1 - token edit distance / "
+                             "longer length)", run=True, choices=list(REWARDS))
+    seq_mix: float = option(0.3, "scst: weight of the maximum-likelihood loss, mix * ML + "
+                            "(1 - mix) * SCST (0: SCST alone)", run=True, type=mix_weight,
+                            metavar="W")
     # run control
     resume: bool = option(False, "resume from the latest checkpoint in --save_dir",
                           flags=("--from_check_point", "--resume"))
@@ -154,8 +178,9 @@ class TrainConfig:
         "args"): options given on the command line win, and those that differ from the run's
         are returned (e.g. a lower `--lr` by hand for the last epochs). Runs saved before
         --select_by existed were selected by the loss, and those before --schedule by the
-        plateau schedule with plain cross-entropy."""
-        saved = {"select_by": LEGACY, "schedule": "plateau", "label_smoothing": 0.0, **saved}
+        plateau schedule with plain cross-entropy and no sequence-level training."""
+        saved = {"select_by": LEGACY, "schedule": "plateau", "label_smoothing": 0.0,
+                 "seq_train": "none", **saved}
         given, kept, changed = set(given), {}, set()
         for name in RUN_OPTIONS:
             if name not in saved:

@@ -32,6 +32,7 @@ from training.config import TrainConfig
 from training.distributed import Dist
 from training.log import write_log
 from training.schedule import Schedule
+from training.sequence import Scst, reward_figures
 from training.start import Data
 from training.state import RunState
 
@@ -45,28 +46,40 @@ def token_loss_sum(logits: torch.Tensor, tgt_out: torch.Tensor, pad: int,
 
 
 def train_step(model: torch.nn.Module, batch: dict, tf: float, d: Dist, pad: int,
-               chunks: int, amp: bool, smoothing: float = 0.0) -> float:
-    """Forward and backward one global batch; returns its mean token loss.
+               chunks: int, amp: bool, smoothing: float = 0.0,
+               seq: Scst | None = None) -> tuple[float, dict[str, float]]:
+    """Forward and backward one global batch; returns its mean token loss (cross-entropy on
+    the references) and, under sequence-level training (`seq`), the mean rewards of the
+    samples and of the greedy sequences (training/sequence.py).
 
     The loss is a sum over tokens divided by the global token count, so gradients are
     identical whether the batch runs in one piece, in `chunks` micro-batches (after an
-    out-of-memory error) or spread over DDP ranks."""
+    out-of-memory error) or spread over DDP ranks (with `seq`, micro-batches draw other
+    samples)."""
     tgt_out = batch["tgt_out"]
     tokens = d.sum(int((tgt_out != pad).sum()))[0]
     scale = d.world / max(tokens, 1)  # DDP averages gradients over ranks: undo that
-    total = 0.0
+    total, rewards = 0.0, [0.0] * 4
     pieces = list(zip(*(batch[k].tensor_split(chunks) for k in ("imgs", "tgt_in", "tgt_out"))))
     for i, (imgs, tgt_in, out) in enumerate(pieces):
         last = i == len(pieces) - 1
         sync = model.no_sync() if isinstance(model, DDP) and not last else nullcontext()
+        imgs, tgt_in, out = (t.to(d.device, non_blocking=True) for t in (imgs, tgt_in, out))
         with sync:
-            logits = model(imgs.to(d.device, non_blocking=True),
-                           tgt_in.to(d.device, non_blocking=True), teacher_forcing=tf, amp=amp)
-            loss_sum = token_loss_sum(logits, out.to(d.device, non_blocking=True), pad,
-                                      smoothing)
-            (loss_sum * scale).backward()
+            if seq is None:
+                logits = model(imgs, tgt_in, teacher_forcing=tf, amp=amp)
+                objective = loss_sum = token_loss_sum(logits, out, pad, smoothing)
+            else:
+                logits, scst_sum, sums = seq.forward(model, imgs, tgt_in, out, amp)
+                loss_sum = token_loss_sum(logits, out, pad, smoothing)
+                objective = seq.objective(loss_sum, scst_sum)
+                rewards = [a + b for a, b in zip(rewards, sums)]
+            (objective * scale).backward()
         total += loss_sum.item()
-    return d.sum(total)[0] / max(tokens, 1)
+    if seq is None:
+        return d.sum(total)[0] / max(tokens, 1), {}
+    total, *rewards = d.sum(total, *rewards)
+    return total / max(tokens, 1), reward_figures(rewards)
 
 
 @torch.no_grad()
@@ -108,6 +121,14 @@ class Trainer:
     amp: bool
     started: float = field(default_factory=time.time)
     chunks: int = 1  # micro-batches per step; doubled when a CUDA step runs out of memory
+    seq: Scst | None = field(init=False)  # sequence-level training's part of a step, if any
+
+    def __post_init__(self) -> None:
+        self.seq = Scst.from_config(self.cfg)
+        if self.seq is not None and self.model.cfg.dropout > 0:
+            self.d.log(f"note: --seq_train {self.cfg.seq_train} trains with dropout off (the "
+                       f"model's --dropout {self.model.cfg.dropout}): training/sequence.py "
+                       "says why")
 
     @property
     def lr(self) -> float:
@@ -122,11 +143,11 @@ class Trainer:
         state.save(self.d, self.checkpoint_parts, *(self.cfg.save_dir / n for n in names),
                    epoch_end=epoch_end)
 
-    def step(self, batch: dict, state: RunState) -> float:
-        """One optimizer step on `batch`; its loss. A loss or gradient that is not finite stops
-        the run before the step, leaving last.pt as it was."""
+    def step(self, batch: dict, state: RunState) -> tuple[float, dict[str, float]]:
+        """One optimizer step on `batch`; its loss and figures (train_step's). A loss or
+        gradient that is not finite stops the run before the step, leaving last.pt as it was."""
         tf = teacher_forcing_ratio(self.cfg.sample_method, state.step, self.cfg.decay_k)
-        loss = self.forward_backward(batch, tf, state.step + 1)
+        loss, figures = self.forward_backward(batch, tf, state.step + 1)
         params = self.optimizer.param_groups[0]["params"]
         clip = self.cfg.clip
         norm = torch.nn.utils.clip_grad_norm_(params, clip) if clip > 0 else 0.0
@@ -140,9 +161,10 @@ class Trainer:
                            "a lower --lr or --clip, or check the data")
         self.optimizer.step()
         self.scheduler.optimizer_stepped()
-        return loss
+        return loss, figures
 
-    def forward_backward(self, batch: dict, tf: float, step: int) -> float:
+    def forward_backward(self, batch: dict, tf: float,
+                         step: int) -> tuple[float, dict[str, float]]:
         """train_step, retried in twice as many micro-batches while a single-process CUDA run
         runs out of memory (the gradients are the same, see train_step); later steps keep the
         split that fitted."""
@@ -150,7 +172,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             try:
                 return train_step(self.net, batch, tf, self.d, self.vocab.pad_id, self.chunks,
-                                  self.amp, self.cfg.label_smoothing)
+                                  self.amp, self.cfg.label_smoothing, self.seq)
             except torch.cuda.OutOfMemoryError:
                 if self.d.world > 1 or self.chunks >= len(batch["imgs"]):
                     raise
@@ -220,13 +242,14 @@ def train_one_epoch(t: Trainer, state: RunState, data: Data) -> Epoch:
     with bar:
         for batch in bar:
             clock.batch_arrived()
-            loss = t.step(batch, state)
-            state.stepped(loss)
+            loss, figures = t.step(batch, state)
+            state.stepped(loss, figures)
             bar.set_postfix(loss=f"{loss:.3f}", ppl=f"{math.exp(min(loss, 50)):.2f}",
-                            lr=f"{t.lr:.1e}")
+                            lr=f"{t.lr:.1e}", **{k: f"{v:.3f}" for k, v in figures.items()})
             if cfg.quiet and state.step % cfg.print_freq == 0:
-                d.log(f"epoch {state.epoch + 1} step {state.step} loss {loss:.4f} lr {t.lr:.3g}",
-                      flush=True)
+                shown = "".join(f" {k} {v:.4f}" for k, v in figures.items())
+                d.log(f"epoch {state.epoch + 1} step {state.step} loss {loss:.4f} lr {t.lr:.3g}"
+                      + shown, flush=True)
             stop = t.wants_stop(state.step)
             if stop or state.step % cfg.save_every == 0:
                 t.save(state, LAST)
@@ -253,6 +276,7 @@ def end_epoch(t: Trainer, state: RunState, metrics: dict[str, float], data_wait:
     train_loss = state.train_loss
     row = {"epoch": state.epoch, "step": state.step, "train_loss": round(train_loss, 5),
            "train_ppl": round(math.exp(min(train_loss, 50)), 4),
+           **{k: round(v, 5) for k, v in state.epoch_figures.items()},
            **{k: round(v, 5) for k, v in metrics.items()}, "lr": t.lr,
            "minutes": round((time.time() - t.started) / 60, 2),
            "data_wait": round(data_wait, 4), "best_epoch": state.best.epoch}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,22 +38,27 @@ class RunState:
     best_val_loss: float = math.inf
     ep_loss: float = 0.0  # the current epoch's training-loss sum, steps before a resume included
     ep_n: int = 0  # and its number of steps
+    # the epoch's sums of the steps' other figures (sequence-level training's rewards)
+    ep_figures: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        figures = {"ep_figures": dict(self.ep_figures)} if self.ep_figures else {}
         return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "step": self.step,
                 "best_val_loss": self.best_val_loss, "best": self.best.to_dict(),
-                "ep_loss": self.ep_loss, "ep_n": self.ep_n}
+                "ep_loss": self.ep_loss, "ep_n": self.ep_n, **figures}
 
     def start_epoch(self) -> None:
         """An epoch begun afresh starts its loss sums at zero; a resumed one keeps them."""
         if not self.step_in_epoch:
-            self.ep_loss, self.ep_n = 0.0, 0
+            self.ep_loss, self.ep_n, self.ep_figures = 0.0, 0, {}
 
-    def stepped(self, loss: float) -> None:
+    def stepped(self, loss: float, figures: dict[str, float] | None = None) -> None:
         self.step += 1
         self.step_in_epoch += 1
         self.ep_loss += loss
         self.ep_n += 1
+        for name, value in (figures or {}).items():
+            self.ep_figures[name] = self.ep_figures.get(name, 0.0) + value
 
     def end_epoch(self, figure: float, val_loss: float, sel: Selection) -> bool:
         """Count the epoch done; whether its `figure` (of `sel.key`) is the best so far."""
@@ -67,6 +72,11 @@ class RunState:
     @property
     def train_loss(self) -> float:
         return self.ep_loss / max(self.ep_n, 1)
+
+    @property
+    def epoch_figures(self) -> dict[str, float]:
+        """The epoch's mean of each figure the steps reported besides the loss."""
+        return {name: total / max(self.ep_n, 1) for name, total in self.ep_figures.items()}
 
     def save(self, d: Dist, parts: Callable[[], dict[str, Any]], *paths: Path,
              epoch_end: dict | None = None) -> None:
@@ -96,6 +106,7 @@ class RunState:
                     best_val_loss=ckpt["best_val_loss"])
         if state.step_in_epoch:
             state.ep_loss, state.ep_n = ckpt.get("ep_loss", 0.0), ckpt.get("ep_n", 0)
+            state.ep_figures = dict(ckpt.get("ep_figures", {}))
         return state
 
 
