@@ -14,6 +14,7 @@ from model import Im2Latex
 from model.checkpoint import load_checkpoint, load_model
 from tests.conftest import ROOT, TINY_MODEL, run_script
 from training.config import TrainConfig
+from training.loop import DataWait
 
 COMMON = [*TINY_MODEL, "--batch_size", "8", "--workers", "0", "--quiet", "--threads", "1",
           "--dropout", "0.2", "--sample_method", "inv_sigmoid", "--decay_k", "5"]
@@ -130,14 +131,25 @@ def test_export_ships_half_precision_weights_that_load(tiny_dataset, tiny_model,
 
 
 def test_the_log_says_how_long_training_waited_for_data(tiny_dataset, tmp_path, monkeypatch):
-    """Measured per epoch (steady state): a loader slower than the steps shows up as waiting."""
+    """Measured per epoch (steady state): a loader slower than the steps shows up as waiting.
+    The slow loader takes twice as long per batch as the step before it took, so the
+    expected share (~2/3) holds however loaded the machine is."""
     fast, slow = tmp_path / "fast", tmp_path / "slow"
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # in-process: leave pytest's
     args = ["--data_path", str(tiny_dataset), *map(str, COMMON), "--epoches", "1"]
     assert train.main([*args, "--save_dir", str(fast)]) == 0
+    last_step = [0.05]
+    step_done = DataWait.step_done
+
+    def timed_step_done(self: DataWait) -> None:
+        step_done(self)
+        last_step[0] = self.mark - self.arrived
+
+    per_image = 8  # COMMON's --batch_size: the loader's 2x is spread over a batch's images
     read = FormulaDataset.__getitem__
-    monkeypatch.setattr(FormulaDataset, "__getitem__", lambda self, i: (time.sleep(0.05),
-                                                                       read(self, i))[1])
+    monkeypatch.setattr(DataWait, "step_done", timed_step_done)
+    monkeypatch.setattr(FormulaDataset, "__getitem__", lambda self, i: (
+        time.sleep(2 * last_step[0] / per_image), read(self, i))[1])
     assert train.main([*args, "--save_dir", str(slow)]) == 0
     wait = {run: float(next(csv.DictReader(open(run / "log.csv")))["data_wait"])
             for run in (fast, slow)}
