@@ -6,9 +6,10 @@ Each row is one checkpoint, with two figures that answer different questions:
 - teacher-forced loss and token accuracy over the WHOLE validation split (train.py's own
   validation): the low-noise figure, 8K images, but not what a user sees;
 - greedy BLEU-4 / exact match on a fixed subset, the first --n validation images (evaluate.py
-  --limit N --beam_size 1): what a user sees, but noisy. On 500 images the paired bootstrap
-  standard deviation of a BLEU difference between two such runs was 1.2-1.8 points
-  (docs/training.md), so differences below ~2 BLEU there are not a ranking.
+  --limit N --beam_size 1): what a user sees, but noisy. So each row after the first also
+  gets its BLEU difference from the first row with a paired bootstrap over those images
+  (data/metrics.py): its standard deviation and 95% interval say whether the difference is a
+  ranking or noise.
 A model whose vocabulary lacks some validation tokens reads them as <unk> (wrong for it): that
 is the cost of its vocabulary, and evaluate.py prints how many references are affected.
 Validation only: recipes are chosen here, never on test formulas.
@@ -31,6 +32,7 @@ from torch.utils.data import DataLoader
 
 from data.dataset import BucketBatchSampler, FormulaDataset, collate
 from data.layout import MAX_TRAIN_TOKENS
+from data.metrics import paired_bootstrap
 from model.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from training.distributed import Dist
 from training.loop import validate
@@ -47,17 +49,20 @@ def teacher_forced(path: str, data_path: Path, batch_size: int) -> dict[str, flo
     return validate(model, loader, Dist("cpu"), amp=False, pad=vocab.pad_id)
 
 
-def greedy_subset(path: str, data_path: Path, n: int, threads: int) -> dict[str, float]:
-    """evaluate.py's scores on the first `n` validation images, greedy, as a user would run it."""
+def greedy_subset(path: str, data_path: Path, n: int, threads: int) -> dict:
+    """evaluate.py's scores on the first `n` validation images, greedy, as a user would run it,
+    with its reference and predicted lines (`refs`, `hyps`) for the bootstrap."""
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "metrics.json"
+        out, ref, hyp = (Path(tmp) / f for f in ("metrics.json", "ref.txt", "result.txt"))
         cmd = [sys.executable, str(REPO / "evaluate.py"), "--model_path", path,
                "--data_path", str(data_path), "--split", "validate", "--limit", str(n),
-               "--beam_size", "1", "--threads", str(threads), "--quiet", "--metrics_path", str(out)]
+               "--beam_size", "1", "--threads", str(threads), "--quiet", "--metrics_path", str(out),
+               "--ref_path", str(ref), "--result_path", str(hyp)]
         run = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if not out.is_file():
             sys.exit(f"evaluate.py failed on {path}:\n{run.stderr}")
-        return json.loads(out.read_text())
+        return {**json.loads(out.read_text()), "refs": ref.read_text().split("\n")[:n],
+                "hyps": hyp.read_text().split("\n")[:n]}
 
 
 def main() -> None:
@@ -65,24 +70,32 @@ def main() -> None:
     p.add_argument("checkpoints", nargs="+", help="checkpoint files (.pt) or run folders")
     p.add_argument("--data_path", type=Path, required=True, help="dataset with shards/validate")
     p.add_argument("--n", type=int, default=500, help="validation images decoded greedily")
+    p.add_argument("--bootstrap", type=int, default=1000,
+                   help="paired bootstrap resamples of each row's BLEU difference from the first")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path, help="also write the rows here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(f"{'checkpoint':44s} {'val loss':>8s} {'val acc':>8s} {'BLEU-4':>7s} {'exact':>6s}"
-          f"   (loss/acc: all validation images; BLEU/exact: first {args.n}, greedy)")
-    rows = []
+          f"  {'BLEU-4 vs first row: diff, sd, 95% interval':s}\n(loss/acc: all validation "
+          f"images; BLEU/exact: first {args.n}, greedy; {args.bootstrap} paired resamples)")
+    rows, first = [], None
     for path in args.checkpoints:
         try:
             tf = teacher_forced(path, args.data_path, args.batch_size)
         except (CheckpointError, OSError) as e:  # a bad row ends the table with its reason
             sys.exit(f"recipe_table: {e}")
         g = greedy_subset(path, args.data_path, args.n, args.threads)
+        first = first or g
+        boot = paired_bootstrap(g["refs"], first["hyps"], g["hyps"], args.bootstrap)
         rows.append({"checkpoint": path, **tf, "bleu4": g["bleu4"],
-                     "exact_match": g["exact_match"], "n": args.n})
+                     "exact_match": g["exact_match"], "n": args.n,
+                     **{f"vs_first_{k}": v for k, v in boot.items()}})
+        versus = (f"  {boot['diff']:+6.2f}  {boot['sd']:4.2f}  [{boot['low']:+.2f}, "
+                  f"{boot['high']:+.2f}]" if g is not first else "")
         print(f"{path[-44:]:44s} {tf['val_loss']:8.4f} {100 * tf['val_acc']:7.2f}% "
-              f"{g['bleu4']:7.2f} {g['exact_match']:5.1f}%", flush=True)
+              f"{g['bleu4']:7.2f} {g['exact_match']:5.1f}%{versus}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

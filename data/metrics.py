@@ -10,6 +10,7 @@ cut short, so lines are paired here by position and never altered.
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 
 import Levenshtein
@@ -63,6 +64,54 @@ def text_scores(refs: Sequence[str], hyps: Sequence[str]) -> dict[str, float]:
     exact = sum(r == h for r, h in zip(ref_toks, hyp_toks))
     return {"bleu4": 100 * bleu, "edit_distance": 100 * (1 - dist / max(longest, 1)),
             "exact_match": 100 * exact / len(refs)}
+
+
+def bleu_statistics(ref: Sequence, hyp: Sequence) -> np.ndarray:
+    """One sentence's share of corpus BLEU-4: [hyp length, ref length, then for n = 1..4 the
+    clipped n-gram matches and the hypothesis's n-gram count (at least 1, as nltk counts it)].
+    Corpus BLEU is a function of these sums (`bleu_from_statistics`), so a bootstrap resamples
+    rows of a matrix instead of re-tokenizing and re-counting the corpus each time."""
+    row = np.zeros(10, dtype=np.int64)
+    row[0], row[1] = len(hyp), len(ref)
+    for n in range(1, 5):
+        ref_grams = Counter(tuple(ref[i:i + n]) for i in range(len(ref) - n + 1))
+        hyp_grams = Counter(tuple(hyp[i:i + n]) for i in range(len(hyp) - n + 1))
+        row[2 * n] = sum(min(c, ref_grams[g]) for g, c in hyp_grams.items())
+        row[2 * n + 1] = max(len(hyp) - n + 1, 1)  # nltk counts at least 1 per sentence
+    return row
+
+
+def bleu_from_statistics(stats: np.ndarray) -> np.ndarray:
+    """Corpus BLEU-4 in percent from summed `bleu_statistics`: (..., 10) -> (...), as nltk's
+    corpus_bleu computes it without smoothing (0 when some order has no match; brevity
+    penalty exp(1 - r/c) when the predictions are shorter than the references)."""
+    hyp_len, ref_len = stats[..., 0].astype(float), stats[..., 1].astype(float)
+    matches, totals = stats[..., 2::2].astype(float), stats[..., 3::2].astype(float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_p = np.where(matches > 0, np.log(matches / np.maximum(totals, 1)), -np.inf).mean(-1)
+        brevity = np.where(hyp_len < ref_len, 1 - ref_len / np.maximum(hyp_len, 1), 0.0)
+        bleu = np.exp(log_p + brevity)
+    return 100 * np.where(hyp_len > 0, bleu, 0.0)
+
+
+def paired_bootstrap(refs: Sequence[str], base: Sequence[str], other: Sequence[str],
+                     resamples: int = 1000, seed: int = 0) -> dict[str, float]:
+    """How sure a corpus BLEU-4 difference (other - base, same images) is: Koehn 2004's paired
+    bootstrap. The images are resampled with replacement and both systems scored on each
+    resample, so what the two get right or wrong together cancels; the spread of the
+    difference is its noise. Returns the difference on all images, its bootstrap standard
+    deviation, the 95% interval and the share of resamples where `other` wins."""
+    if not len(refs) == len(base) == len(other) > 0:
+        raise ValueError(f"{len(refs)} references, {len(base)} and {len(other)} predictions")
+    tok = [r.split() for r in refs]
+    a = np.stack([bleu_statistics(r, h.split()) for r, h in zip(tok, base)])
+    b = np.stack([bleu_statistics(r, h.split()) for r, h in zip(tok, other)])
+    idx = np.random.default_rng(seed).integers(0, len(refs), size=(resamples, len(refs)))
+    diff = bleu_from_statistics(b[idx].sum(1)) - bleu_from_statistics(a[idx].sum(1))
+    lo, hi = np.percentile(diff, [2.5, 97.5])
+    return {"diff": float(bleu_from_statistics(b.sum(0)) - bleu_from_statistics(a.sum(0))),
+            "sd": float(diff.std()), "low": float(lo), "high": float(hi),
+            "wins": float((diff > 0).mean())}
 
 
 def image_columns(img: np.ndarray, threshold: int = 128) -> list[bytes]:

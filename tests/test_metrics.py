@@ -1,7 +1,15 @@
+import random
+
 import numpy as np
 import pytest
 
-from data.metrics import image_scores, text_scores
+from data.metrics import (
+    bleu_from_statistics,
+    bleu_statistics,
+    image_scores,
+    paired_bootstrap,
+    text_scores,
+)
 
 
 def test_perfect_predictions_score_100():
@@ -35,3 +43,35 @@ def test_image_match_ignores_position_but_not_content():
     s = image_scores([img, img, img], [shifted, other, None])
     assert s["image_exact_match"] == pytest.approx(100 / 3)
     assert 0 < s["image_edit_distance"] < 100
+
+
+def _random_corpus(seed: int, n: int = 60) -> tuple[list[str], list[str]]:
+    """References and noisy, sometimes truncated or empty, predictions over a small alphabet."""
+    rng = random.Random(seed)
+    words = "a b c x y \\frac { } ^ _ +".split()
+    refs = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 25))) for _ in range(n)]
+    hyps = [" ".join(w if rng.random() < 0.8 else rng.choice(words)
+                     for w in r.split()[:rng.randint(0, 30)]) for r in refs]
+    return refs, hyps
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_bleu_from_summed_sentence_statistics_is_nltk_corpus_bleu(seed):
+    refs, hyps = _random_corpus(seed)
+    stats = np.stack([bleu_statistics(r.split(), h.split()) for r, h in zip(refs, hyps)])
+    assert bleu_from_statistics(stats.sum(0)) == pytest.approx(text_scores(refs, hyps)["bleu4"],
+                                                               abs=1e-9)
+
+
+def test_paired_bootstrap_sees_a_real_gain_and_no_difference_between_equals():
+    refs, worse = _random_corpus(1, n=300)
+    better = [r if i % 3 == 0 else h for i, (r, h) in enumerate(zip(refs, worse))]
+    gain = paired_bootstrap(refs, worse, better, resamples=300)
+    assert gain["diff"] == pytest.approx(text_scores(refs, better)["bleu4"]
+                                         - text_scores(refs, worse)["bleu4"])
+    assert 0 < gain["low"] < gain["diff"] < gain["high"] and gain["wins"] == 1.0
+    # two systems with the same predictions differ by nothing in every resample
+    same = paired_bootstrap(refs, worse, list(worse), resamples=300)
+    assert same == {"diff": 0.0, "sd": 0.0, "low": 0.0, "high": 0.0, "wins": 0.0}
+    with pytest.raises(ValueError, match="references"):
+        paired_bootstrap(refs, worse, better[:-1])

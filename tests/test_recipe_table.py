@@ -16,9 +16,12 @@ pytestmark = pytest.mark.skipif(not HAVE_TEX, reason="needs pdflatex and ghostsc
 def test_rows_agree_with_train_and_evaluate(tiny_model, tiny_dataset, tmp_path):
     out = tmp_path / "table.json"
     proc = run_script("bench/recipe_table.py", "--data_path", tiny_dataset, "--n", "5",
-                      "--json", out, tiny_model)
-    (row,) = json.loads(out.read_text())
-    assert str(tiny_model)[-44:] in proc.stdout
+                      "--json", out, tiny_model, tiny_model)
+    row, again = json.loads(out.read_text())
+    # the second row is compared with the first by a paired bootstrap: the same weights read
+    # the same images the same way, so they differ by exactly nothing
+    assert (again["vs_first_diff"], again["vs_first_sd"]) == (0.0, 0.0)
+    assert proc.stdout.count(str(tiny_model)[-44:]) == 2 and "+0.00" in proc.stdout
     # train.py validated the same weights at the end of its one epoch (under bf16 autocast
     # where the CPU has it, hence the tolerance; the table runs in fp32)
     with open(tiny_model.parent / "log.csv") as fh:
