@@ -59,10 +59,13 @@ def test_model_flags_and_both_spellings():
 
 def test_given_options_win_on_resume_even_at_their_default(capsys):
     cfg, given = parse_args([*REQUIRED, "--lr", str(TrainConfig.lr), "--seed", "9"])
-    saved = {"lr": 1e-3, "clip": 1.5, "seed": 9, "batch_size": 4, "workers": 7}
+    saved = {"lr": 1e-3, "clip": 1.5, "seed": 9, "batch_size": 4, "workers": 7,
+             "save_every": 100}
     resumed, changed = cfg.resumed(saved, given)
     assert (resumed.lr, resumed.clip, resumed.seed, resumed.batch_size) == (3e-4, 1.5, 9, 4)
     assert resumed.workers == TrainConfig.workers  # not an option that defines the run
+    # a long run started to checkpoint often keeps doing so when continued without the flag
+    assert resumed.save_every == 100
     assert resumed.select_by == "loss"  # saved before --select_by: selected by the loss
     assert changed == {"lr"} and "--lr changed from 0.001 to 0.0003" in capsys.readouterr().out
 

@@ -153,8 +153,9 @@ class TrainConfig:
     max_steps: int = option(0, "stop after this many steps in total (0: no limit)")
     max_minutes: float = option(0.0, "stop (after checkpointing) after this many minutes (0: no "
                                 "limit)")
-    save_every: int = option(500, "checkpoint every N steps")
-    print_freq: int = option(100, "log to stdout every N steps")
+    save_every: int = option(500, "checkpoint every N steps (kept on resume unless given)",
+                             run=True)
+    print_freq: int = option(100, "log to stdout every N steps", run=True)
     workers: int = option(2, "data loader processes")
     device: str = option(factory=default_device)
     amp: str = option("auto", "bf16 autocast of the encoder (auto: where the hardware has bf16)",
