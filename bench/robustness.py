@@ -105,10 +105,13 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--examples", type=Path, metavar="DIR",
                    help="write the first 3 image files of each row here, to look at")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     if args.n < 1:
         p.error("--n must be at least 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     return args
 
 
@@ -231,7 +234,16 @@ def format_table(table: list[dict]) -> str:
         lines.append(f"{r['condition']:<16} {r['images']:>6} {r['refused']:>7} "
                      f"{r['bleu4']:>7.2f} {r['exact_match']:>7.2f}  {r['description']}")
         lines += [f"{'':<16} note: {n}" for n in r["notes"]]
+    if table:
+        lines.append(f"{'mean':<16} {'':>6} {'':>7} {mean_bleu(table):>7.2f} {'':>7}  "
+                     f"unweighted mean of the {len(table)} rows' BLEU-4")
     return "\n".join(lines)
+
+
+def mean_bleu(table: list[dict]) -> float:
+    """One figure to compare models by: every condition counts the same, whatever its size,
+    since each row is a kind of input a user may bring (docs/training.md's robustness mean)."""
+    return round(sum(r["bleu4"] for r in table) / len(table), 2)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         doc = {"model_path": str(args.model_path), "beam_size": args.beam_size, "n": args.n,
                "formulas": str(args.formulas or args.split), "seed": args.seed,
-               "rows": table}
+               "rows": table, "mean_bleu4": mean_bleu(table) if table else None}
         Path(args.json).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
     return 0
 

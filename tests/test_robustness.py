@@ -93,8 +93,12 @@ def test_table_has_every_requested_row(tiny_model, tmp_path, capsys):
     printed = capsys.readouterr().out.splitlines()
     for name in wanted:
         assert any(line.split()[:1] == [name] for line in printed), name
-    rows = json.loads(out_json.read_text())["rows"]
+    doc = json.loads(out_json.read_text())
+    rows = doc["rows"]
     assert [r["condition"] for r in rows] == wanted
+    mean = sum(r["bleu4"] for r in rows) / len(rows)
+    assert doc["mean_bleu4"] == pytest.approx(mean, abs=0.01)
+    assert printed[-1].split()[:2] == ["mean", f"{doc['mean_bleu4']:.2f}"]
     assert [r["images"] for r in rows] == [4, 4, 4, 4, 2]
     for r in rows:
         assert 0 <= r["bleu4"] <= 100 and 0 <= r["exact_match"] <= 100
