@@ -1,10 +1,12 @@
 import csv
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 import train
@@ -180,3 +182,22 @@ def test_a_step_out_of_gpu_memory_is_retried_in_micro_batches_with_the_same_resu
     assert whole["step"] == pieces["step"] == 4
     for k, w in whole["model"].items():
         torch.testing.assert_close(pieces["model"][k], w, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_the_quiet_log_shows_the_mean_loss_since_its_last_line(tiny_dataset, tmp_path, monkeypatch,
+                                                               capsys):
+    """Logged every step, then every 3 steps, the same seeded run: each line of the second is
+    the mean of the three steps before it in the first, not the last batch's loss."""
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    args = ["--data_path", str(tiny_dataset), *map(str, COMMON), "--max_steps", "6"]
+
+    def logged(freq: str, run: str) -> list[float]:
+        capsys.readouterr()
+        assert train.main([*args, "--save_dir", str(tmp_path / run), "--print_freq", freq]) == 0
+        return [float(x) for x in re.findall(r"step \d+ loss ([\d.]+)", capsys.readouterr().out)]
+
+    each, every3 = logged("1", "each"), logged("3", "every3")
+    assert len(each) == 6 and len(every3) == 2
+    for k, mean in enumerate(every3):
+        assert mean == pytest.approx(sum(each[3 * k:3 * k + 3]) / 3, abs=2e-4)
+    assert every3[0] != pytest.approx(each[2], abs=2e-4)  # the mean, not the last batch

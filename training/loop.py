@@ -238,7 +238,7 @@ def train_one_epoch(t: Trainer, state: RunState, data: Data) -> Epoch:
                disable=cfg.quiet or not d.main, initial=state.step_in_epoch,
                total=len(batches), dynamic_ncols=True)
     state.start_epoch()
-    clock, stop = DataWait(), False
+    clock, stop, window = DataWait(), False, []
     with bar:
         for batch in bar:
             clock.batch_arrived()
@@ -246,10 +246,12 @@ def train_one_epoch(t: Trainer, state: RunState, data: Data) -> Epoch:
             state.stepped(loss, figures)
             bar.set_postfix(loss=f"{loss:.3f}", ppl=f"{math.exp(min(loss, 50)):.2f}",
                             lr=f"{t.lr:.1e}", **{k: f"{v:.3f}" for k, v in figures.items()})
-            if cfg.quiet and state.step % cfg.print_freq == 0:
+            window.append(loss)  # one batch's loss swings by 2x: the log shows the mean since
+            if cfg.quiet and state.step % cfg.print_freq == 0:  # the last line
                 shown = "".join(f" {k} {v:.4f}" for k, v in figures.items())
-                d.log(f"epoch {state.epoch + 1} step {state.step} loss {loss:.4f} lr {t.lr:.3g}"
-                      + shown, flush=True)
+                d.log(f"epoch {state.epoch + 1} step {state.step} loss "
+                      f"{sum(window) / len(window):.4f} lr {t.lr:.3g}" + shown, flush=True)
+                window.clear()
             stop = t.wants_stop(state.step)
             if stop or state.step % cfg.save_every == 0:
                 t.save(state, LAST)
