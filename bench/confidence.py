@@ -351,8 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     head = [f"# python bench/confidence.py {' '.join(argv if argv is not None else sys.argv[1:])}",
             f"# model {args.model_path} (sha256 {digest[:16]}...), first {args.n} VALIDATION "
             f"formulas, conditions {' '.join(args.conditions)}, seed {args.seed}",
-            f"# {args.threads} torch thread(s), measured while other jobs ran (a training run and "
-            f"other helpers; load average {os.getloadavg()[0]:.1f} at the start)"]
+            f"# {args.threads} torch thread(s); load average {os.getloadavg()[0]:.1f} at the start "
+            "(the figures do not depend on it, only the time taken)"]
     head += [f"# {row.name}: {sum(i is None for i in row.images)} of {len(row.images)} images "
              "refused by normalization (no reading, left out)" for row in rows
              if any(i is None for i in row.images)]
