@@ -110,8 +110,6 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.n < 1:
         p.error("--n must be at least 1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     return args
 
 
@@ -248,6 +246,8 @@ def mean_bleu(table: list[dict]) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         names = check_conditions(args.conditions)
         rendered = [n for n in names if n != VAL_IMAGES]

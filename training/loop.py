@@ -246,11 +246,13 @@ def train_one_epoch(t: Trainer, state: RunState, data: Data) -> Epoch:
             state.stepped(loss, figures)
             bar.set_postfix(loss=f"{loss:.3f}", ppl=f"{math.exp(min(loss, 50)):.2f}",
                             lr=f"{t.lr:.1e}", **{k: f"{v:.3f}" for k, v in figures.items()})
-            window.append(loss)  # one batch's loss swings by 2x: the log shows the mean since
-            if cfg.quiet and state.step % cfg.print_freq == 0:  # the last line
-                shown = "".join(f" {k} {v:.4f}" for k, v in figures.items())
-                d.log(f"epoch {state.epoch + 1} step {state.step} loss "
-                      f"{sum(window) / len(window):.4f} lr {t.lr:.3g}" + shown, flush=True)
+            if cfg.quiet:  # one batch's loss swings by 2x: a line shows the means since the last
+                window.append({"loss": loss, **figures})
+            if cfg.quiet and state.step % cfg.print_freq == 0:
+                mean = {k: sum(w[k] for w in window) / len(window) for k in window[-1]}
+                shown = "".join(f" {k} {v:.4f}" for k, v in mean.items() if k != "loss")
+                d.log(f"epoch {state.epoch + 1} step {state.step} loss {mean['loss']:.4f} lr "
+                      f"{t.lr:.3g}" + shown, flush=True)
                 window.clear()
             stop = t.wants_stop(state.step)
             if stop or state.step % cfg.save_every == 0:
