@@ -32,11 +32,19 @@ class FormulaDataset(Dataset):
 
     `augment(image, epoch, index)`, if given, replaces each training image (not padding
     entries) by one of the same shape; it is a function of `epoch` (see `set_epoch`) and the
-    index only, so that which worker loads an item never changes what it looks like."""
+    index only, so that which worker loads an item never changes what it looks like.
+
+    `relabel(formula)`, if given, rewrites each formula once, when the split is loaded (e.g.
+    data.spelling.respell: one spelling per font switch); `formula(i)`, the targets and the
+    length limit all see the rewritten form, which is what the model is trained on."""
 
     def __init__(self, shard_dir: str | Path, vocab: Vocab, max_len: int | None = None,
-                 augment: Callable[[np.ndarray, int, int], np.ndarray] | None = None):
+                 augment: Callable[[np.ndarray, int, int], np.ndarray] | None = None,
+                 relabel: Callable[[str], str] | None = None):
         self.buckets: list[Bucket] = load_split(shard_dir)
+        if relabel is not None:
+            for bucket in self.buckets:
+                bucket.formulas = [relabel(f) for f in bucket.formulas]
         self.vocab = vocab
         self.augment, self.epoch = augment, 0
         self.items: list[tuple[int, int]] = []  # (bucket, row)

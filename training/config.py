@@ -20,6 +20,7 @@ import torch
 
 from data.augment import parse_level
 from data.dataset import MAX_TRAIN_TOKENS
+from data.spelling import SPELLINGS
 from model.im2latex import ModelConfig
 from model.sampling import METHODS
 from model.selection import LEGACY, METRICS
@@ -110,6 +111,12 @@ class TrainConfig:
     augment: float = option(0.0, "augment training images on the fly (data/augment.py): none, "
                             "light, strong or a strength in [0, 1] (0, none: older runs "
                             "reproduce)", run=True, type=augment_level, metavar="LEVEL")
+    label_spelling: str = option("as_is", "rewrite training labels so that each font switch "
+                                 "has one spelling (data/spelling.py): references, the "
+                                 "spelling of IM2LATEX-100K's references ({ \\cal L }, "
+                                 "\\mathrm { d }); commands (\\mathcal { L }); as_is: "
+                                 "labels as built, older runs reproduce. Validation keeps "
+                                 "its references", run=True, choices=["as_is", *SPELLINGS])
     select_by: str = option("acc", "validation figure that picks best.pt and drives the plateau "
                             "schedule and --early_stop: token accuracy or loss "
                             "(model/selection.py says why)", run=True, choices=list(METRICS))
@@ -181,7 +188,7 @@ class TrainConfig:
         --select_by existed were selected by the loss, and those before --schedule by the
         plateau schedule with plain cross-entropy and no sequence-level training."""
         saved = {"select_by": LEGACY, "schedule": "plateau", "label_smoothing": 0.0,
-                 "seq_train": "none", **saved}
+                 "seq_train": "none", "label_spelling": "as_is", **saved}
         given, kept, changed = set(given), {}, set()
         for name in RUN_OPTIONS:
             if name not in saved:

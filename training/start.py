@@ -6,6 +6,7 @@ the optimizer and its schedule, restored when the run continues.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from data.augment import Augmenter
 from data.dataset import BucketBatchSampler, FormulaDataset, collate
+from data.spelling import lacking_font_tokens, respell
 from data.vocab import Vocab
 from model.batch_norm import to_global_batch_norm
 from model.checkpoint import BEST, LAST, load_checkpoint, model_from_checkpoint
@@ -134,11 +136,19 @@ class Data:
 def load_data(cfg: TrainConfig, d: Dist, vocab: Vocab) -> Data:
     data_dir = Path(cfg.data_path)
     augment = Augmenter(cfg.augment, cfg.seed) if cfg.augment else None
+    relabel = None if cfg.label_spelling == "as_is" else partial(respell,
+                                                                   spelling=cfg.label_spelling)
     train = FormulaDataset(data_dir / "shards" / "train", vocab, max_len=cfg.max_len,
-                           augment=augment)
+                           augment=augment, relabel=relabel)
     val = FormulaDataset(data_dir / "shards" / "validate", vocab, max_len=cfg.max_len)
     if len(train) == 0:
         raise RunError(f"no training images in {data_dir}/shards/train")
+    if relabel is not None and (lacking := lacking_font_tokens(
+            (f for b in train.buckets for f in b.formulas), vocab)):
+        raise RunError(f"--label_spelling {cfg.label_spelling} writes {' '.join(lacking)}, "
+                       "which the run's vocabulary lacks (built from the labels as they "
+                       "were): those targets would be <unk>. Add them to the tokens of "
+                       f"{data_dir}/vocab.json, or keep --label_spelling as_is")
     sampler = BucketBatchSampler(train.bucket_items, cfg.batch_size, seed=cfg.seed,
                                  num_replicas=d.world, rank=d.rank, lengths=train.lengths)
     # Loaders get their own generator: creating one would otherwise draw from the global RNG,
@@ -151,7 +161,8 @@ def load_data(cfg: TrainConfig, d: Dist, vocab: Vocab) -> Data:
     d.log(f"data: {len(train)} train / {len(val)} validation images "
           f"({train.skipped_long} train formulas over --max_len {cfg.max_len} left out); "
           f"effective batch {cfg.batch_size * d.world} ({cfg.batch_size} x {d.world}), "
-          f"lr {cfg.lr:g}" + (f", augmentation {cfg.augment:g}" if augment else ""))
+          f"lr {cfg.lr:g}" + (f", augmentation {cfg.augment:g}" if augment else "")
+          + (f", labels in the {cfg.label_spelling} spelling" if relabel else ""))
     return Data(train, val, sampler, val_loader)
 
 

@@ -1,0 +1,155 @@
+r"""One spelling for each font switch in training labels: `{ \cal L }` or `\mathcal { L }`.
+
+TeX has two spellings of the same font change. The declaration `\cal` (also `\bf`, `\it`,
+`\rm`) applies to the rest of its group; the command `\mathcal { ... }` to its argument. Both
+typeset the same image, so a reader of the image cannot know which one a reference used: it
+can only learn which one its training labels use more often. When the training formulas and the
+benchmark's references disagree, every calligraphic letter costs tokens that no image could
+have told apart. They do disagree here: IM2LATEX-100K's references (1990s arXiv, normalized by
+KaTeX) write `{ \cal L }`, `{ \bf x }` and `\mathrm { d }`, while the wider corpora the v2 data
+adds write `\mathcal { L }`, `\mathbf { x }` and `{ \rm d }` (the counts: docs/training.md,
+"Stage 2 of v2").
+
+`respell` rewrites a normalized formula so that each switch takes the spelling a table says,
+without changing what it typesets (tests/test_spelling.py renders both to prove it):
+
+    \mathcal { L } ( x )     ->  { \cal L } ( x )          (command -> declaration)
+    { \mathcal { L } }       ->  { \cal L }                (the group is the argument's own)
+    { \rm d } x              ->  { \mathrm { d } } x       (declaration -> command)
+    \left( \rm a b \right)   ->  \left( \mathrm { a b } \right)
+
+A declaration's scope ends where TeX ends it: the end of its group, of its `\left..\right`
+pair or environment, or at an alignment cell or row break. Text-mode arguments (`\mbox`,
+`\text`, ...) are copied unchanged: `\mathrm` would be an error there. It is applied to
+training labels only (`train.py --label_spelling`); the references are the benchmark's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+from data.normalize import _ROW_BREAKS, _TEXT_COMMANDS, _group_end
+from data.vocab import Vocab
+
+__all__ = ["COMMAND_OF", "SPELLINGS", "lacking_font_tokens", "respell"]
+
+# declaration -> the command of the same font
+COMMAND_OF = {"\\cal": "\\mathcal", "\\bf": "\\mathbf", "\\it": "\\mathit", "\\rm": "\\mathrm",
+              "\\sf": "\\mathsf", "\\tt": "\\mathtt"}
+_DECLARATION_OF = {c: d for d, c in COMMAND_OF.items()}
+_FONT_SWITCHES = frozenset(COMMAND_OF) | frozenset(_DECLARATION_OF)
+# A formula holding these is set partly in text mode outside any text command's argument
+# (a tabular's cells, `$..$` inside them): it is left as it is.
+_TEXT_MODE = frozenset({"$", "\\begin{tabular}", "\\begin{tabular*}"})
+
+# A spelling: for each declaration, "declaration" or "command" (fonts not named keep both).
+# "references" is the majority spelling of IM2LATEX-100K's validation references (counts in
+# docs/training.md): `\cal` 843 formulas vs `\mathcal` 114, `\bf` 277 vs `\mathbf` 54, `\it`
+# 17 vs `\mathit` 2, `\mathrm` 965 vs `\rm` 0. "commands" is today's LaTeX usage.
+SPELLINGS: dict[str, Mapping[str, str]] = {
+    "references": {"\\cal": "declaration", "\\bf": "declaration", "\\it": "declaration",
+                   "\\rm": "command"},
+    "commands": {d: "command" for d in COMMAND_OF},
+}
+
+def _is_delimiter_word(t: str, word: str) -> bool:
+    r"""`\left(` or `\left\langle` (one token, a delimiter glued on), not `\leftarrow`."""
+    return t.startswith(word) and len(t) > len(word) and not t[len(word)].isalpha()
+
+
+def _scope_end(tokens: Sequence[str], i: int) -> int:
+    """End (exclusive) of the scope of a declaration whose first affected token is tokens[i]:
+    the closing brace, `\\right..` or `\\end{..}` of the unit it is in, or a `\\middle..`,
+    cell or row break at its level, whichever comes first."""
+    depth = 0
+    for j in range(i, len(tokens)):
+        t = tokens[j]
+        if t == "{" or _is_delimiter_word(t, "\\left") or t.startswith("\\begin{"):
+            depth += 1
+        elif t == "}" or _is_delimiter_word(t, "\\right") or t.startswith("\\end{"):
+            if depth == 0:
+                return j
+            depth -= 1
+        elif depth == 0 and (t in _ROW_BREAKS or _is_delimiter_word(t, "\\middle")):
+            return j
+    return len(tokens)
+
+
+# Macros whose braced arguments TeX typesets as groups (math fields, or wrapped in braces by
+# the macro): `\\frac { \\cal A } { 2 }` keeps the font inside. Other macros' braces only
+# delimit an argument: `\\ensuremath { \\bf 0 } = 0` would make the `= 0` bold as well.
+_GROUPED_ARGUMENTS = frozenset("\\" + c for c in (
+    "frac dfrac tfrac cfrac binom dbinom tbinom sqrt stackrel overset underset hat bar vec "
+    "tilde dot ddot check breve acute grave widehat widetilde overline underline "
+    "overrightarrow overleftarrow overbrace underbrace boxed").split())
+
+
+def _is_group(before: str) -> bool:
+    """Is a `{` after the token `before` a TeX group (so a declaration in it stays inside)?"""
+    return not before.startswith("\\") or not before[1:2].isalpha() or before in _GROUPED_ARGUMENTS
+
+
+def _copy_text_argument(tokens: Sequence[str], i: int, out: list[str]) -> int:
+    """Copy a text-mode macro and its braced argument unchanged; return the index after."""
+    end = _group_end(tokens, i + 1) if i + 1 < len(tokens) and tokens[i + 1] == "{" else i + 1
+    out.extend(tokens[i:end])
+    return end
+
+
+def _to_declaration(tokens: Sequence[str], i: int, out: list[str],
+                    spelling: Mapping[str, str]) -> int:
+    r"""`\mathcal { A B }` (at tokens[i]) -> `{ \cal A B }`; `{ \mathcal { A } }`, a group
+    holding nothing else, -> `{ \cal A }`. Returns the index after what was rewritten."""
+    declaration = _DECLARATION_OF[tokens[i]]
+    if i + 1 >= len(tokens) or tokens[i + 1] in _FONT_SWITCHES:  # nothing sound to rewrite
+        out.append(tokens[i])
+        return i + 1
+    end = _group_end(tokens, i + 1) if tokens[i + 1] == "{" else i + 2
+    inner = tokens[i + 2:end - 1] if tokens[i + 1] == "{" else tokens[i + 1:end]
+    body = [declaration, *_respell(inner, spelling)]
+    if (len(out) >= 1 and out[-1] == "{" and end < len(tokens) and tokens[end] == "}"
+            and _is_group(out[-2] if len(out) >= 2 else "")):
+        out.extend([*body, "}"])  # the enclosing group already limits the declaration
+        return end + 1
+    out.extend(["{", *body, "}"])
+    return end
+
+
+def _respell(tokens: Sequence[str], spelling: Mapping[str, str]) -> list[str]:
+    out: list[str] = []
+    i = 0
+    while i < len(tokens):
+        t = tokens[i]
+        if t in _TEXT_COMMANDS:
+            i = _copy_text_argument(tokens, i, out)
+        elif t in _DECLARATION_OF and spelling.get(_DECLARATION_OF[t]) == "declaration":
+            i = _to_declaration(tokens, i, out, spelling)
+        elif t in COMMAND_OF and spelling.get(t) == "command":
+            end = _scope_end(tokens, i + 1)
+            out.extend([COMMAND_OF[t], "{", *_respell(tokens[i + 1:end], spelling), "}"])
+            i = end
+        else:
+            out.append(t)
+            i += 1
+    return out
+
+
+def respell(formula: str, spelling: Mapping[str, str] | str = "references") -> str:
+    """`formula` (normalized tokens, space-separated) with each font switch in the spelling
+    `spelling` (a name of SPELLINGS or a table). A formula without font switches comes back
+    unchanged and costs one set intersection."""
+    table = SPELLINGS[spelling] if isinstance(spelling, str) else spelling
+    tokens = formula.split()
+    present = set(tokens)
+    if _FONT_SWITCHES.isdisjoint(present) or not _TEXT_MODE.isdisjoint(present):
+        return formula  # nothing to do, or text mode where math commands would be errors
+    return " ".join(_respell(tokens, table))
+
+
+
+def lacking_font_tokens(formulas: Iterable[str], vocab: Vocab) -> list[str]:
+    """The font switches `formulas` (respelled labels) use that `vocab` lacks: a respelling
+    must not turn training targets into <unk>."""
+    used = {t for f in formulas if not _FONT_SWITCHES.isdisjoint(tokens := f.split())
+            for t in tokens}
+    return sorted(t for t in used & _FONT_SWITCHES if t not in vocab.index)
