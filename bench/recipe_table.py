@@ -1,4 +1,4 @@
-"""The recipe table of issue 13: checkpoints of short training runs side by side, on validation.
+r"""The recipe table of issue 13: checkpoints of short training runs side by side, on validation.
 
     python bench/recipe_table.py --data_path FULL runs/a/last.pt runs/b/last.pt ...
 
@@ -10,6 +10,9 @@ Each row is one checkpoint, with two figures that answer different questions:
   gets its BLEU difference from the first row with a paired bootstrap over those images
   (data/metrics.py): its standard deviation and 95% interval say whether the difference is a
   ranking or noise.
+- the same BLEU-4 with the font switches of both sides in one spelling ("folded", data/spelling.py
+  respell): `\mathcal { L }` and `{ \cal L }` typeset the same image, so the difference between
+  the two BLEU columns is what a row loses to spelling rather than to reading.
 A model whose vocabulary lacks some validation tokens reads them as <unk> (wrong for it): that
 is the cost of its vocabulary, and evaluate.py prints how many references are affected.
 Validation only: recipes are chosen here, never on test formulas.
@@ -32,7 +35,8 @@ from torch.utils.data import DataLoader
 
 from data.dataset import BucketBatchSampler, FormulaDataset, collate
 from data.layout import MAX_TRAIN_TOKENS
-from data.metrics import paired_bootstrap
+from data.metrics import bleu_from_statistics, bleu_statistics, paired_bootstrap
+from data.spelling import respell
 from model.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from training.distributed import Dist
 from training.loop import validate
@@ -65,6 +69,13 @@ def greedy_subset(path: str, data_path: Path, n: int, threads: int) -> dict:
                 "hyps": hyp.read_text().split("\n")[:n]}
 
 
+def folded_bleu(refs: list[str], hyps: list[str]) -> float:
+    """Corpus BLEU-4 (percent) with both sides' font switches in the references' spelling."""
+    stats = sum(bleu_statistics(respell(r).split(), respell(h).split())
+                for r, h in zip(refs, hyps))
+    return float(bleu_from_statistics(stats))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoints", nargs="+", help="checkpoint files (.pt) or run folders")
@@ -78,8 +89,9 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(f"{'checkpoint':44s} {'val loss':>8s} {'val acc':>8s} {'BLEU-4':>7s} {'exact':>6s}"
-          f"  {'BLEU-4 vs first row: diff, sd, 95% interval':s}\n(loss/acc: all validation "
-          f"images; BLEU/exact: first {args.n}, greedy; {args.bootstrap} paired resamples)")
+          f" {'folded':>6s}  {'BLEU-4 vs first row: diff, sd, 95% interval':s}\n(loss/acc: all "
+          f"validation images; BLEU/exact: first {args.n}, greedy; folded: BLEU-4 with both "
+          f"sides' font switches in one spelling; {args.bootstrap} paired resamples)")
     rows, first = [], None
     for path in args.checkpoints:
         try:
@@ -89,13 +101,14 @@ def main() -> None:
         g = greedy_subset(path, args.data_path, args.n, args.threads)
         first = first or g
         boot = paired_bootstrap(g["refs"], first["hyps"], g["hyps"], args.bootstrap)
-        rows.append({"checkpoint": path, **tf, "bleu4": g["bleu4"],
+        folded = folded_bleu(g["refs"], g["hyps"])
+        rows.append({"checkpoint": path, **tf, "bleu4": g["bleu4"], "bleu4_folded": folded,
                      "exact_match": g["exact_match"], "n": args.n,
                      **{f"vs_first_{k}": v for k, v in boot.items()}})
         versus = (f"  {boot['diff']:+6.2f}  {boot['sd']:4.2f}  [{boot['low']:+.2f}, "
                   f"{boot['high']:+.2f}]" if g is not first else "")
         print(f"{path[-44:]:44s} {tf['val_loss']:8.4f} {100 * tf['val_acc']:7.2f}% "
-              f"{g['bleu4']:7.2f} {g['exact_match']:5.1f}%{versus}", flush=True)
+              f"{g['bleu4']:7.2f} {g['exact_match']:5.1f}% {folded:6.2f}{versus}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

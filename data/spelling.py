@@ -84,9 +84,13 @@ _GROUPED_ARGUMENTS = frozenset("\\" + c for c in (
     "overrightarrow overleftarrow overbrace underbrace boxed").split())
 
 
+def _is_control_word(t: str) -> bool:
+    return t.startswith("\\") and t[1:2].isalpha()
+
+
 def _is_group(before: str) -> bool:
     """Is a `{` after the token `before` a TeX group (so a declaration in it stays inside)?"""
-    return not before.startswith("\\") or not before[1:2].isalpha() or before in _GROUPED_ARGUMENTS
+    return not _is_control_word(before) or before in _GROUPED_ARGUMENTS
 
 
 def _copy_text_argument(tokens: Sequence[str], i: int, out: list[str]) -> int:
@@ -115,6 +119,27 @@ def _to_declaration(tokens: Sequence[str], i: int, out: list[str],
     return end
 
 
+def _free_standing(out: list[str]) -> bool:
+    """Is the group just opened (out[-1] == "{") nobody's argument: not a script's, not a
+    macro's (any control word might take one), not the second of `\\frac { a } { b }`?"""
+    before = out[-2] if len(out) >= 2 else ""
+    return before not in ("^", "_", "}", "]") and not _is_control_word(before)
+
+
+def _to_command(tokens: Sequence[str], i: int, out: list[str],
+                spelling: Mapping[str, str]) -> int:
+    r"""`\rm a b` (at tokens[i]) -> `\mathrm { a b }` over the declaration's scope; a
+    free-standing group it fills, `{ \rm d }`, becomes `\mathrm { d }` (an argument's,
+    `x _ { \rm d }`, keeps its braces). Returns the index after what was rewritten."""
+    end = _scope_end(tokens, i + 1)
+    body = [COMMAND_OF[tokens[i]], "{", *_respell(tokens[i + 1:end], spelling), "}"]
+    if out and out[-1] == "{" and end < len(tokens) and tokens[end] == "}" and _free_standing(out):
+        out[-1:] = body  # the command's braces are the group
+        return end + 1
+    out.extend(body)
+    return end
+
+
 def _respell(tokens: Sequence[str], spelling: Mapping[str, str]) -> list[str]:
     out: list[str] = []
     i = 0
@@ -125,9 +150,7 @@ def _respell(tokens: Sequence[str], spelling: Mapping[str, str]) -> list[str]:
         elif t in _DECLARATION_OF and spelling.get(_DECLARATION_OF[t]) == "declaration":
             i = _to_declaration(tokens, i, out, spelling)
         elif t in COMMAND_OF and spelling.get(t) == "command":
-            end = _scope_end(tokens, i + 1)
-            out.extend([COMMAND_OF[t], "{", *_respell(tokens[i + 1:end], spelling), "}"])
-            i = end
+            i = _to_command(tokens, i, out, spelling)
         else:
             out.append(t)
             i += 1

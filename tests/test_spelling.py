@@ -23,13 +23,15 @@ REFERENCES = [
     (r"x _ { \mathcal { A } } = \mathbf x", r"x _ { \cal A } = { \bf x }"),
     (r"\frac { \mathcal { A } } { 2 }", r"\frac { \cal A } { 2 }"),
     (r"\mathit { f f }", r"{ \it f f }"),
-    (r"{ \rm d } x", r"{ \mathrm { d } } x"),
+    (r"{ \rm d } x", r"\mathrm { d } x"),  # a free-standing group: the command's braces
+    (r"x _ { \rm m a x } + \frac { \rm d } { d t }",
+     r"x _ { \mathrm { m a x } } + \frac { \mathrm { d } } { d t }"),  # arguments' braces stay
     (r"\left( \rm a b \right) c", r"\left( \mathrm { a b } \right) c"),
     (r"a \rm b \leftarrow c", r"a \mathrm { b \leftarrow c }"),  # \leftarrow is no \left
     (r"\begin{array} { c c } \rm a & b \\ \rm c & d \end{array}",
      r"\begin{array} { c c } \mathrm { a } & b \\ \mathrm { c } & d \end{array}"),
     (r"\left| \rm a \middle| b \right|", r"\left| \mathrm { a } \middle| b \right|"),
-    (r"{ \rm \mathcal { A } b }", r"{ \mathrm { { \cal A } b } }"),
+    (r"{ \rm \mathcal { A } b }", r"\mathrm { { \cal A } b }"),
 ]
 # what the references already spell this way, and what no spelling should touch
 UNCHANGED = [
@@ -54,7 +56,7 @@ def test_what_is_already_so_or_in_text_mode_is_left_alone(formula):
 
 def test_the_commands_spelling_goes_the_other_way():
     assert respell(r"{ \cal L } + { \bf x }", "commands") == \
-        r"{ \mathcal { L } } + { \mathbf { x } }"
+        r"\mathcal { L } + \mathbf { x }"
     assert respell(r"\mathcal { L }", "commands") == r"\mathcal { L }"
 
 
