@@ -5,8 +5,9 @@ For a dataset folder it counts, per split, the formulas that use each spelling o
 it renders a random sample of the changed ones before and after, strictly, and counts identical
 images among those whose original renders.
 
-    python bench/spelling_check.py --data_path FULL --sample 300
-    spelling_check: train 17,811 of 236,... formulas respelled; renders identical 298 of 298
+    python bench/spelling_check.py --data_path FULL --sample 6000 --seed 2
+    spelling_check: train 27,527 of 148,712 formulas respelled (references); renders identical
+    5355 of 5360 sampled whose original renders
 """
 
 from __future__ import annotations
