@@ -3,6 +3,7 @@ of what the formula typesets; and train.py --label_spelling, which applies it to
 labels only."""
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -13,7 +14,7 @@ from data.normalize import detokenize
 from data.spelling import lacking_font_tokens, respell
 from data.vocab import Vocab
 from model.checkpoint import load_checkpoint
-from tests.conftest import HAVE_TEX
+from tests.conftest import HAVE_TEX, run_script
 from tests.test_train_state import _one_thread, run  # noqa: F401 (fixture)
 
 # (as written, in the references' spelling)
@@ -119,3 +120,14 @@ def test_train_respells_training_labels_and_refuses_a_vocabulary_without_them(
     assert ckpt["args"]["label_spelling"] == "references"
     assert run(data, tmp_path / "run", "--from_check_point", "--max_steps", "3") == 0
     assert load_checkpoint(tmp_path / "run" / "last.pt")["args"]["label_spelling"] == "references"
+
+
+@pytest.mark.skipif(not HAVE_TEX, reason="needs pdflatex and ghostscript")
+def test_spelling_check_counts_and_renders_what_it_respells(tiny_dataset):
+    p = run_script("bench/spelling_check.py", "--data_path", tiny_dataset, "--sample", "4")
+    header, train_row = p.stdout.split("\n")[1:3]
+    counts = dict(zip(header.split()[1:], map(int, train_row.replace(",", "").split()[1:])))
+    assert counts["\\mathcal"] > 0 and counts["\\cal"] == 0  # the generator's spelling
+    last = p.stdout.strip().split("\n")[-1]
+    assert re.fullmatch(r"spelling_check: train \d+ of \d+ formulas respelled \(references\); "
+                        r"renders identical 4 of 4 sampled whose original renders", last), last
