@@ -31,6 +31,7 @@ from data.custom import clean_formula, load_answer_key
 from data.files import atomic_write
 from data.image import IMAGE_SUFFIXES, ImageError, read_user_image
 from data.normalize import NormalizeError
+from data.spelling import SPELLINGS, respell
 from im2latex.api import BACKENDS, DEFAULT_ONNX_DIR, Reader
 from im2latex.decoding import MAX_LEN
 from im2latex.prediction import Prediction
@@ -61,6 +62,10 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also draw the first 8 images with their attention maps")
     p.add_argument("--no_normalize", action="store_true",
                    help="feed images as they are (already in the training format)")
+    p.add_argument("--spelling", choices=["as_read", *SPELLINGS], default="as_read",
+                   help="font switches as the model writes them, or all as commands "
+                        "(\\mathcal { L }: what KaTeX renders) or as IM2LATEX-100K's "
+                        "references ({ \\cal L }); the same image either way")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available; onnx: cpu)")
     return p.parse_args(argv)
 
@@ -96,6 +101,12 @@ def expected_answer(path: str, answer: str | None, key: dict[str, str]) -> str |
     return key.get(p.name, key.get(p.parent.name, answer))
 
 
+def same_formula(predicted: str, expected: str) -> bool:
+    """Token for token, once both have their font switches in one spelling: `{ \\cal L }`
+    answers `\\mathcal { L }`, since both typeset the same."""
+    return respell(predicted).split() == respell(expected).split()
+
+
 def read_images(files: list[Path], normalize_them: bool, failures: list[tuple[str, str]]
                 ) -> tuple[list[str], list[np.ndarray]]:
     """(names, model inputs) of the files that could be read; the others go to `failures`."""
@@ -127,7 +138,8 @@ def load_reader(args: argparse.Namespace) -> Reader:
     onnx = args.backend == "onnx"
     return Reader(args.onnx_path if onnx else args.model_path, backend=args.backend,
                   beam_size=args.beam_size, device=args.device, batch_size=args.batch_size,
-                  max_len=args.max_len, normalize=not args.no_normalize)
+                  max_len=args.max_len, normalize=not args.no_normalize,
+                  spelling=None if args.spelling == "as_read" else args.spelling)
 
 
 def write_json(path: str, results: list[dict], failures: list[tuple[str, str]]) -> None:
@@ -182,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
              "confidence": None if pred.confidence is None else round(pred.confidence, 4)}
         expected = expected_answer(name, answer, key)
         if expected is not None:
-            r["answer"], r["match"] = expected, pred.latex.split() == expected.split()
+            r["answer"], r["match"] = expected, same_formula(pred.latex, expected)
         results.append(r)
     if args.json:
         write_json(args.json, results, failures)

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from data.image import ImageError, ImageSource, read_user_image
+from data.spelling import SPELLINGS, respell
 from data.vocab import Vocab
 from im2latex.confidence import Calibration, calibration_path, find_calibration
 from im2latex.decoding import MAX_LEN, shape_batches
@@ -134,12 +135,20 @@ class Reader:
     device: where torch runs ("cpu", "cuda"; None: CUDA when available).
     normalize: bring images to the training look (inverted, cropped, rescaled); False feeds
     images already in the dataset's look as they are.
+    spelling: None gives `.latex` as the model writes it; "commands" writes every font switch
+    as a command (`\\mathcal { L }`, which KaTeX renders and `{ \\cal L }` is not), "references"
+    as IM2LATEX-100K's references do (data/spelling.py). The image typeset is the same.
     Raises ImageError for an image that cannot be read, TypeError for an input of another type.
     """
 
     def __init__(self, model_path: str | Path | None = None, *, backend: str | Backend = "torch",
                  beam_size: int = 5, device: str | None = "cpu", normalize: bool = True,
-                 batch_size: int = 32, max_len: int = MAX_LEN) -> None:
+                 batch_size: int = 32, max_len: int = MAX_LEN,
+                 spelling: str | None = None) -> None:
+        if spelling is not None and spelling not in SPELLINGS:
+            raise ValueError(f"spelling must be None or one of {', '.join(SPELLINGS)}, "
+                             f"got {spelling!r}")
+        self.spelling = spelling
         self.beam_size = _at_least_1("beam_size", beam_size)
         self.batch_size = _at_least_1("batch_size", batch_size)
         self.max_len = _at_least_1("max_len", max_len)
@@ -197,6 +206,8 @@ class Reader:
         def run(idx: list[int]) -> list[Prediction]:
             preds = self.backend.predict([images[i] for i in idx], beam_size=beam,
                                          max_len=self.max_len, batch_size=self.batch_size)
+            if self.spelling is not None:
+                preds = [replace(p, latex=respell(p.latex, self.spelling)) for p in preds]
             if calibration is None:
                 return preds
             return [replace(p, confidence=calibration.probability(p.score, beam)) for p in preds]

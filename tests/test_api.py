@@ -212,3 +212,25 @@ def test_image_bytes_and_a_lazy_pil_image_are_not_changed(pngs):
     assert np.array_equal(read_user_image(im), read_user_image(data))
     assert np.array_equal(read_user_image(gray), read_user_image(data))
     assert np.array_equal(gray, before)
+
+
+class SpellingBackend:
+    """Reads every image as a calligraphic L and a bold x, in the corpora's spelling."""
+
+    vocab = None
+
+    def predict(self, images, *, beam_size, max_len, batch_size):
+        return [Prediction(r"\mathcal { L } = { \rm d } \mathbf { x }", -0.5) for _ in images]
+
+
+def test_the_reader_writes_font_switches_in_the_spelling_asked_for():
+    image = np.zeros((40, 120), np.uint8)
+    as_read = Reader(backend=SpellingBackend(), normalize=False)(image)
+    assert as_read.latex == r"\mathcal { L } = { \rm d } \mathbf { x }"
+    references = Reader(backend=SpellingBackend(), normalize=False, spelling="references")
+    assert references(image).latex == r"{ \cal L } = \mathrm { d } { \bf x }"
+    commands = Reader(backend=SpellingBackend(), normalize=False, spelling="commands")
+    assert commands([image])[0].latex == r"\mathcal { L } = \mathrm { d } \mathbf { x }"
+    assert commands(image).score == as_read.score == -0.5
+    with pytest.raises(ValueError, match="spelling"):
+        Reader(backend=SpellingBackend(), spelling="modern")

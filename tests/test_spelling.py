@@ -131,3 +131,12 @@ def test_spelling_check_counts_and_renders_what_it_respells(tiny_dataset):
     last = p.stdout.strip().split("\n")[-1]
     assert re.fullmatch(r"spelling_check: train \d+ of \d+ formulas respelled \(references\); "
                         r"renders identical 4 of 4 sampled whose original renders", last), last
+
+
+def test_an_answer_matches_a_reading_that_spells_its_fonts_otherwise():
+    from inference import get_args, same_formula
+
+    assert same_formula(r"{ \cal L } = \mathrm { d } x", r"\mathcal { L } = { \rm d } x")
+    assert not same_formula(r"{ \cal L } = 0", r"\mathcal { C } = 0")
+    assert get_args(["a.png"]).spelling == "as_read"
+    assert get_args(["a.png", "--spelling", "commands"]).spelling == "commands"
