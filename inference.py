@@ -31,7 +31,7 @@ from data.custom import clean_formula, load_answer_key
 from data.files import atomic_write
 from data.image import IMAGE_SUFFIXES, ImageError, read_user_image
 from data.normalize import NormalizeError
-from data.spelling import SPELLINGS, respell
+from data.spelling import OUTPUT_HELP, OUTPUT_SPELLINGS, respell
 from im2latex.api import BACKENDS, DEFAULT_ONNX_DIR, Reader
 from im2latex.decoding import MAX_LEN
 from im2latex.prediction import Prediction
@@ -62,10 +62,7 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also draw the first 8 images with their attention maps")
     p.add_argument("--no_normalize", action="store_true",
                    help="feed images as they are (already in the training format)")
-    p.add_argument("--spelling", choices=["as_read", *SPELLINGS], default="as_read",
-                   help="font switches as the model writes them, or all as commands "
-                        "(\\mathcal { L }: what KaTeX renders) or as IM2LATEX-100K's "
-                        "references ({ \\cal L }); the same image either way")
+    p.add_argument("--spelling", choices=OUTPUT_SPELLINGS, default="as_read", help=OUTPUT_HELP)
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available; onnx: cpu)")
     return p.parse_args(argv)
 

@@ -51,6 +51,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from data.image import ImageError, load_image, model_input, normalize_user_image
 from data.normalize import detokenize
 from data.render import RenderError, RenderOptions, render_formulas
+from data.spelling import OUTPUT_HELP, OUTPUT_SPELLINGS
 from data.vocab import Vocab, VocabError
 from im2latex.api import Reader, TorchBackend
 from im2latex.confidence import MEANING, Calibration
@@ -94,6 +95,7 @@ class ServeConfig:
     threads: int = 1  # jobs running at once
     device: str = "cpu"
     model_name: str = "model"
+    spelling: str | None = None  # font switches: as read, or im2latex.Reader's other spellings
     render: RenderOptions = field(default=RENDER_OPTIONS)
     limits: ConnectionLimits = field(default=ConnectionLimits())  # applied by `main`'s server
 
@@ -302,7 +304,8 @@ class UploadReader:
     def __init__(self, model: Im2Latex, vocab: Vocab, config: ServeConfig,
                  calibration: Calibration | None = None) -> None:
         self.reader = Reader(backend=TorchBackend(model, vocab, config.device, calibration),
-                             beam_size=config.beam_size, max_len=config.max_len)
+                             beam_size=config.beam_size, max_len=config.max_len,
+                             spelling=config.spelling)
         self.config = config
 
     def __call__(self, data: bytes, beam_size: int) -> tuple[Prediction, str | None]:
@@ -457,6 +460,7 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=_int_in(1, 64), default=ServeConfig.threads,
                    help="images decoded at once")
     add_limit_flags(p, positive=_positive, count=_int_in(1))
+    p.add_argument("--spelling", choices=OUTPUT_SPELLINGS, default="as_read", help=OUTPUT_HELP)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--log_level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
@@ -480,7 +484,8 @@ def main(argv: list[str] | None = None) -> int:
     config = ServeConfig(beam_size=args.beam_size, max_len=args.max_len,
                          max_upload_mb=args.max_upload_mb, max_megapixels=args.max_megapixels,
                          queue=args.queue, threads=args.threads, device=args.device,
-                         model_name=path.name, limits=limits_from_args(args))
+                         model_name=path.name, limits=limits_from_args(args),
+                         spelling=None if args.spelling == "as_read" else args.spelling)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(message)s")
     app = create_app(backend.model, backend.vocab, config, backend.calibration)
     uvicorn.run(app, host=args.host, port=args.port,

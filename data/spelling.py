@@ -31,7 +31,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from data.normalize import _ROW_BREAKS, _TEXT_COMMANDS, _group_end
 from data.vocab import Vocab
 
-__all__ = ["COMMAND_OF", "SPELLINGS", "lacking_font_tokens", "respell"]
+__all__ = ["COMMAND_OF", "OUTPUT_HELP", "OUTPUT_SPELLINGS", "SPELLINGS", "lacking_font_tokens",
+           "respell"]
 
 # declaration -> the command of the same font
 COMMAND_OF = {"\\cal": "\\mathcal", "\\bf": "\\mathbf", "\\it": "\\mathit", "\\rm": "\\mathrm",
@@ -51,6 +52,12 @@ SPELLINGS: dict[str, Mapping[str, str]] = {
                    "\\rm": "command"},
     "commands": {d: "command" for d in COMMAND_OF},
 }
+# The --spelling choices of the scripts that print readings (inference.py, serve.py).
+OUTPUT_SPELLINGS = ("as_read", *SPELLINGS)
+OUTPUT_HELP = ("font switches as the model writes them (as_read), all as commands "
+               "(\\mathcal { L }: what KaTeX renders), or as IM2LATEX-100K's references "
+               "({ \\cal L }); the same image either way")
+
 
 def _is_delimiter_word(t: str, word: str) -> bool:
     r"""`\left(` or `\left\langle` (one token, a delimiter glued on), not `\leftarrow`."""
