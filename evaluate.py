@@ -27,7 +27,7 @@ from tqdm import tqdm
 from data.files import atomic_write
 from data.image import ImageError, read_user_image
 from data.layout import FORMULAS_FILE, read_lines, read_matching, read_split
-from data.metrics import image_scores, text_scores
+from data.metrics import folded_scores, image_scores, text_scores
 from data.vocab import VocabError
 from im2latex.api import Reader
 from model.checkpoint import DEFAULT_MODEL, CheckpointError
@@ -144,11 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     for path, lines in ((args.ref_path, refs), (args.result_path, hyps)):
         atomic_write(path, "".join(line + "\n" for line in lines))
 
-    scores = text_scores(refs, hyps)
+    scores = {**text_scores(refs, hyps), **folded_scores(refs, hyps)}
     print(f"images: {len(refs)}")
     print(f"BLEU-4: {scores['bleu4']:.2f}")
     print(f"Edit distance: {scores['edit_distance']:.2f}")
     print(f"Exact match: {scores['exact_match']:.2f}")
+    print(f"Font spelling folded (data/spelling.py): BLEU-4 {scores['bleu4_folded']:.2f}, "
+          f"exact match {scores['exact_match_folded']:.2f}")
     if args.render:
         from data.normalize import detokenize
         from data.render import render_formulas

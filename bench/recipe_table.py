@@ -10,9 +10,10 @@ Each row is one checkpoint, with two figures that answer different questions:
   gets its BLEU difference from the first row with a paired bootstrap over those images
   (data/metrics.py): its standard deviation and 95% interval say whether the difference is a
   ranking or noise.
-- the same BLEU-4 with the font switches of both sides in one spelling ("folded", data/spelling.py
-  respell): `\mathcal { L }` and `{ \cal L }` typeset the same image, so the difference between
-  the two BLEU columns is what a row loses to spelling rather than to reading.
+- the same BLEU-4 with the font switches of both sides in one spelling ("folded", evaluate.py's
+  figure from data/metrics.py folded_scores): `\mathcal { L }` and `{ \cal L }` typeset the
+  same image, so the gap between the two BLEU columns is what a row loses to spelling rather
+  than to reading.
 A model whose vocabulary lacks some validation tokens reads them as <unk> (wrong for it): that
 is the cost of its vocabulary, and evaluate.py prints how many references are affected.
 Validation only: recipes are chosen here, never on test formulas.
@@ -35,8 +36,7 @@ from torch.utils.data import DataLoader
 
 from data.dataset import BucketBatchSampler, FormulaDataset, collate
 from data.layout import MAX_TRAIN_TOKENS
-from data.metrics import bleu_from_statistics, bleu_statistics, paired_bootstrap
-from data.spelling import respell
+from data.metrics import paired_bootstrap
 from model.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from training.distributed import Dist
 from training.loop import validate
@@ -69,13 +69,6 @@ def greedy_subset(path: str, data_path: Path, n: int, threads: int) -> dict:
                 "hyps": hyp.read_text().split("\n")[:n]}
 
 
-def folded_bleu(refs: list[str], hyps: list[str]) -> float:
-    """Corpus BLEU-4 (percent) with both sides' font switches in the references' spelling."""
-    stats = sum(bleu_statistics(respell(r).split(), respell(h).split())
-                for r, h in zip(refs, hyps))
-    return float(bleu_from_statistics(stats))
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoints", nargs="+", help="checkpoint files (.pt) or run folders")
@@ -101,7 +94,7 @@ def main() -> None:
         g = greedy_subset(path, args.data_path, args.n, args.threads)
         first = first or g
         boot = paired_bootstrap(g["refs"], first["hyps"], g["hyps"], args.bootstrap)
-        folded = folded_bleu(g["refs"], g["hyps"])
+        folded = g["bleu4_folded"]
         rows.append({"checkpoint": path, **tf, "bleu4": g["bleu4"], "bleu4_folded": folded,
                      "exact_match": g["exact_match"], "n": args.n,
                      **{f"vs_first_{k}": v for k, v in boot.items()}})

@@ -18,6 +18,8 @@ import numpy as np
 from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu
 from nltk.translate.bleu_score import sentence_bleu as nltk_sentence_bleu
 
+from data.spelling import respell
+
 
 def token_distance(a: Sequence, b: Sequence) -> int:
     """Levenshtein distance between two sequences of tokens (or of image columns)."""
@@ -64,6 +66,14 @@ def text_scores(refs: Sequence[str], hyps: Sequence[str]) -> dict[str, float]:
     exact = sum(r == h for r, h in zip(ref_toks, hyp_toks))
     return {"bleu4": 100 * bleu, "edit_distance": 100 * (1 - dist / max(longest, 1)),
             "exact_match": 100 * exact / len(refs)}
+
+
+def folded_scores(refs: Sequence[str], hyps: Sequence[str]) -> dict[str, float]:
+    r"""BLEU-4 and exact match with both sides' font switches in one spelling (data/spelling.py):
+    `\mathcal { L }` and `{ \cal L }` typeset the same image, so what these gain over
+    `text_scores` is what a reading loses to spelling rather than to reading."""
+    scores = text_scores([respell(r) for r in refs], [respell(h) for h in hyps])
+    return {"bleu4_folded": scores["bleu4"], "exact_match_folded": scores["exact_match"]}
 
 
 def bleu_statistics(ref: Sequence, hyp: Sequence) -> np.ndarray:

@@ -6,6 +6,7 @@ import pytest
 from data.metrics import (
     bleu_from_statistics,
     bleu_statistics,
+    folded_scores,
     image_scores,
     paired_bootstrap,
     text_scores,
@@ -75,3 +76,15 @@ def test_paired_bootstrap_sees_a_real_gain_and_no_difference_between_equals():
     assert same == {"diff": 0.0, "sd": 0.0, "low": 0.0, "high": 0.0, "wins": 0.0}
     with pytest.raises(ValueError, match="references"):
         paired_bootstrap(refs, worse, better[:-1])
+
+
+def test_folded_scores_forgive_the_spelling_of_a_font_switch_and_nothing_else():
+    refs = [r"{ \cal L } = \int _ { 0 } ^ { 1 } f ( x ) d x", r"\mathrm { d } x + y = z"]
+    same_image = [r"\mathcal { L } = \int _ { 0 } ^ { 1 } f ( x ) d x", r"{ \rm d } x + y = z"]
+    misread = [r"{ \cal C } = \int _ { 0 } ^ { 1 } f ( x ) d x", r"\mathrm { d } x + y = z"]
+    assert folded_scores(refs, same_image) == {"bleu4_folded": pytest.approx(100.0),
+                                               "exact_match_folded": 100.0}
+    assert text_scores(refs, same_image)["bleu4"] < 90.0
+    plain, folded = text_scores(refs, misread), folded_scores(refs, misread)
+    assert folded["bleu4_folded"] == pytest.approx(plain["bleu4"]) and plain["bleu4"] < 95.0
+    assert folded["exact_match_folded"] == plain["exact_match"] == 50.0

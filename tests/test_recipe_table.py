@@ -8,14 +8,11 @@ import json
 
 import pytest
 
-from bench.recipe_table import folded_bleu
-from data.metrics import bleu_from_statistics, bleu_statistics
 from tests.conftest import HAVE_TEX, run_script
 
-needs_tex = pytest.mark.skipif(not HAVE_TEX, reason="needs pdflatex and ghostscript")
+pytestmark = pytest.mark.skipif(not HAVE_TEX, reason="needs pdflatex and ghostscript")
 
 
-@needs_tex
 def test_rows_agree_with_train_and_evaluate(tiny_model, tiny_dataset, tmp_path):
     out = tmp_path / "table.json"
     proc = run_script("bench/recipe_table.py", "--data_path", tiny_dataset, "--n", "5",
@@ -36,28 +33,13 @@ def test_rows_agree_with_train_and_evaluate(tiny_model, tiny_dataset, tmp_path):
                "--split", "validate", "--limit", "5", "--beam_size", "1", "--quiet",
                "--metrics_path", metrics)
     scores = json.loads(metrics.read_text())
-    assert (row["bleu4"], row["exact_match"], row["n"]) == (
-        scores["bleu4"], scores["exact_match"], 5)
+    assert (row["bleu4"], row["exact_match"], row["n"], row["bleu4_folded"]) == (
+        scores["bleu4"], scores["exact_match"], 5, scores["bleu4_folded"])
 
 
-@needs_tex
 def test_a_missing_checkpoint_is_a_clear_error(tiny_dataset, tmp_path):
     proc = run_script("bench/recipe_table.py", "--data_path", tiny_dataset,
                       tmp_path / "nope.pt", check=False)
     assert proc.returncode != 0
     assert "nope.pt" in proc.stderr and "Traceback" not in proc.stderr
 
-
-def test_folded_bleu_forgives_the_spelling_of_a_font_switch_and_nothing_else():
-    refs = [r"{ \cal L } = \int _ { 0 } ^ { 1 } f ( x ) d x", r"\mathrm { d } x + y = z"]
-    same_image = [r"\mathcal { L } = \int _ { 0 } ^ { 1 } f ( x ) d x", r"{ \rm d } x + y = z"]
-    misread = [r"{ \cal C } = \int _ { 0 } ^ { 1 } f ( x ) d x", r"\mathrm { d } x + y = z"]
-
-    def plain(hyps: list[str]) -> float:
-        return float(bleu_from_statistics(sum(bleu_statistics(r.split(), h.split())
-                                              for r, h in zip(refs, hyps))))
-
-    assert folded_bleu(refs, same_image) == pytest.approx(100.0)
-    assert plain(same_image) < 90.0
-    assert folded_bleu(refs, misread) == pytest.approx(plain(misread))
-    assert plain(misread) < 95.0
