@@ -1,38 +1,43 @@
-r"""One spelling for each font switch in training labels: `{ \cal L }` or `\mathcal { L }`.
+r"""One spelling for what TeX typesets the same, in training labels: `{ \cal L }` or
+`\mathcal { L }`, `f ' ( x )` or `f ^ { \prime } ( x )`.
 
 TeX has two spellings of the same font change. The declaration `\cal` (also `\bf`, `\it`,
-`\rm`) applies to the rest of its group; the command `\mathcal { ... }` to its argument. Both
-typeset the same image, so a reader of the image cannot know which one a reference used: it
-can only learn which one its training labels use more often. When the training formulas and the
-benchmark's references disagree, every calligraphic letter costs tokens that no image could
-have told apart. They do disagree here: IM2LATEX-100K's references (1990s arXiv, normalized by
-KaTeX) write `{ \cal L }`, `{ \bf x }` and `\mathrm { d }`, while the wider corpora the v2 data
-adds write `\mathcal { L }`, `\mathbf { x }` and `{ \rm d }` (the counts: docs/training.md,
-"Stage 2 of v2").
+`\rm`) applies to the rest of its group; the command `\mathcal { ... }` to its argument. A
+prime is `'` or `^ { \prime }` (TeX turns the first into the second), an arrow `\to` or
+`\rightarrow`. Each pair typesets the same image, so a reader of the image
+cannot know which one a reference used: it can only learn which one its training labels use
+more often. When the training formulas and the benchmark's references disagree, every such
+symbol costs tokens that no image could have told apart. They do disagree here: IM2LATEX-100K's
+references (1990s arXiv, normalized by KaTeX) write `{ \cal L }`, `{ \bf x }`, `\mathrm { d }`
+and `f ^ { \prime }`, while the wider corpora the v2 data adds write `\mathcal { L }`,
+`\mathbf { x }`, `{ \rm d }` and `f '` (the counts: docs/training.md, "Stage 2 of v2").
 
-`respell` rewrites a normalized formula so that each switch takes the spelling a table says,
+`respell` rewrites a normalized formula so that each takes the spelling a `Spelling` says,
 without changing what it typesets (tests/test_spelling.py renders both to prove it):
 
     \mathcal { L } ( x )     ->  { \cal L } ( x )          (command -> declaration)
     { \mathcal { L } }       ->  { \cal L }                (the group is the argument's own)
-    { \rm d } x              ->  { \mathrm { d } } x       (declaration -> command)
+    { \rm d } x              ->  \mathrm { d } x           (declaration -> command)
     \left( \rm a b \right)   ->  \left( \mathrm { a b } \right)
+    f ' ' ^ { 2 } \to 0      ->  f ^ { \prime \prime 2 } \rightarrow 0
 
 A declaration's scope ends where TeX ends it: the end of its group, of its `\left..\right`
 pair or environment, or at an alignment cell or row break. Text-mode arguments (`\mbox`,
-`\text`, ...) are copied unchanged: `\mathrm` would be an error there. It is applied to
-training labels only (`train.py --label_spelling`); the references are the benchmark's.
+`\text`, ...) are copied unchanged: `\mathrm` would be an error there, and `'` is an
+apostrophe. It is applied to training labels (`train.py --label_spelling`), to both sides of
+evaluate.py's "folded" scores, and on request to what inference.py prints (`--spelling`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from data.normalize import _ROW_BREAKS, _TEXT_COMMANDS, _group_end
 from data.vocab import Vocab
 
-__all__ = ["COMMAND_OF", "OUTPUT_HELP", "OUTPUT_SPELLINGS", "SPELLINGS", "lacking_font_tokens",
-           "respell"]
+__all__ = ["COMMAND_OF", "OUTPUT_HELP", "OUTPUT_SPELLINGS", "SPELLINGS", "Spelling",
+           "lacking_tokens", "respell"]
 
 # declaration -> the command of the same font
 COMMAND_OF = {"\\cal": "\\mathcal", "\\bf": "\\mathbf", "\\it": "\\mathit", "\\rm": "\\mathrm",
@@ -43,14 +48,33 @@ _FONT_SWITCHES = frozenset(COMMAND_OF) | frozenset(_DECLARATION_OF)
 # (a tabular's cells, `$..$` inside them): it is left as it is.
 _TEXT_MODE = frozenset({"$", "\\begin{tabular}", "\\begin{tabular*}"})
 
-# A spelling: for each declaration, "declaration" or "command" (fonts not named keep both).
-# "references" is the majority spelling of IM2LATEX-100K's validation references (counts in
-# docs/training.md): `\cal` 843 formulas vs `\mathcal` 114, `\bf` 277 vs `\mathbf` 54, `\it`
-# 17 vs `\mathit` 2, `\mathrm` 965 vs `\rm` 0. "commands" is today's LaTeX usage.
-SPELLINGS: dict[str, Mapping[str, str]] = {
-    "references": {"\\cal": "declaration", "\\bf": "declaration", "\\it": "declaration",
-                   "\\rm": "command"},
-    "commands": {d: "command" for d in COMMAND_OF},
+
+
+@dataclass(frozen=True)
+class Spelling:
+    """fonts: declaration -> "declaration" or "command" (fonts not named keep both forms);
+    primes: write `x '` as `x ^ { \\prime }`; synonyms: token -> the token written instead."""
+
+    fonts: Mapping[str, str] = field(default_factory=dict)
+    primes: bool = False
+    synonyms: Mapping[str, str] = field(default_factory=dict)
+
+    def touches(self, tokens: set[str]) -> bool:
+        """Could `respell` change a formula of these tokens?"""
+        return (not _FONT_SWITCHES.isdisjoint(tokens) or (self.primes and "'" in tokens)
+                or not tokens.isdisjoint(self.synonyms))
+
+
+# "references" is the majority spelling of IM2LATEX-100K's validation references (formulas
+# holding each, of 8,454): `\cal` 843 vs `\mathcal` 114, `\bf` 277 vs `\mathbf` 54, `\it` 17
+# vs `\mathit` 2, `\mathrm` 965 vs `\rm` 0; `\prime` 9.6% vs `'` 0.3%; `\rightarrow` 2.5% vs
+# `\to` 1.0%. (`~` is not `\ `: 9.0% vs 0.1%, but its \nobreak changes the space beside a
+# relation.) "commands" is today's LaTeX usage for fonts.
+SPELLINGS: dict[str, Spelling] = {
+    "references": Spelling(fonts={"\\cal": "declaration", "\\bf": "declaration",
+                                  "\\it": "declaration", "\\rm": "command"},
+                           primes=True, synonyms={"\\to": "\\rightarrow"}),
+    "commands": Spelling(fonts={d: "command" for d in COMMAND_OF}),
 }
 # The --spelling choices of the scripts that print readings (inference.py, serve.py).
 OUTPUT_SPELLINGS = ("as_read", *SPELLINGS)
@@ -108,7 +132,7 @@ def _copy_text_argument(tokens: Sequence[str], i: int, out: list[str]) -> int:
 
 
 def _to_declaration(tokens: Sequence[str], i: int, out: list[str],
-                    spelling: Mapping[str, str]) -> int:
+                    spelling: Spelling) -> int:
     r"""`\mathcal { A B }` (at tokens[i]) -> `{ \cal A B }`; `{ \mathcal { A } }`, a group
     holding nothing else, -> `{ \cal A }`. Returns the index after what was rewritten."""
     declaration = _DECLARATION_OF[tokens[i]]
@@ -134,7 +158,7 @@ def _free_standing(out: list[str]) -> bool:
 
 
 def _to_command(tokens: Sequence[str], i: int, out: list[str],
-                spelling: Mapping[str, str]) -> int:
+                spelling: Spelling) -> int:
     r"""`\rm a b` (at tokens[i]) -> `\mathrm { a b }` over the declaration's scope; a
     free-standing group it fills, `{ \rm d }`, becomes `\mathrm { d }` (an argument's,
     `x _ { \rm d }`, keeps its braces). Returns the index after what was rewritten."""
@@ -147,39 +171,59 @@ def _to_command(tokens: Sequence[str], i: int, out: list[str],
     return end
 
 
-def _respell(tokens: Sequence[str], spelling: Mapping[str, str]) -> list[str]:
+def _to_superscript(tokens: Sequence[str], i: int, out: list[str], spelling: Spelling) -> int:
+    r"""`' '` (a run of primes at tokens[i]) -> `^ { \prime \prime }`, taking in a superscript
+    right after it as TeX does (`f ' ^ { 2 }` is `f ^ { \prime 2 }`). Returns the index after."""
+    j = i
+    while j < len(tokens) and tokens[j] == "'":
+        j += 1
+    primes, rest = ["\\prime"] * (j - i), []
+    if j + 1 < len(tokens) and tokens[j] == "^":
+        end = _group_end(tokens, j + 1) if tokens[j + 1] == "{" else j + 2
+        rest = tokens[j + 2:end - 1] if tokens[j + 1] == "{" else tokens[j + 1:end]
+        j = end
+    out.extend(["^", "{", *primes, *_respell(rest, spelling), "}"])
+    return j
+
+
+def _respell(tokens: Sequence[str], spelling: Spelling) -> list[str]:
     out: list[str] = []
     i = 0
     while i < len(tokens):
         t = tokens[i]
         if t in _TEXT_COMMANDS:
             i = _copy_text_argument(tokens, i, out)
-        elif t in _DECLARATION_OF and spelling.get(_DECLARATION_OF[t]) == "declaration":
+        elif t in _DECLARATION_OF and spelling.fonts.get(_DECLARATION_OF[t]) == "declaration":
             i = _to_declaration(tokens, i, out, spelling)
-        elif t in COMMAND_OF and spelling.get(t) == "command":
+        elif t in COMMAND_OF and spelling.fonts.get(t) == "command":
             i = _to_command(tokens, i, out, spelling)
+        elif t == "'" and spelling.primes:
+            i = _to_superscript(tokens, i, out, spelling)
         else:
-            out.append(t)
+            out.append(spelling.synonyms.get(t, t))
             i += 1
     return out
 
 
-def respell(formula: str, spelling: Mapping[str, str] | str = "references") -> str:
-    """`formula` (normalized tokens, space-separated) with each font switch in the spelling
-    `spelling` (a name of SPELLINGS or a table). A formula without font switches comes back
-    unchanged and costs one set intersection."""
+def respell(formula: str, spelling: Spelling | str = "references") -> str:
+    """`formula` (normalized tokens, space-separated) in the spelling `spelling` (a Spelling
+    or a name of SPELLINGS). A formula with nothing to respell comes back unchanged and costs
+    a few set intersections."""
     table = SPELLINGS[spelling] if isinstance(spelling, str) else spelling
     tokens = formula.split()
     present = set(tokens)
-    if _FONT_SWITCHES.isdisjoint(present) or not _TEXT_MODE.isdisjoint(present):
+    if not table.touches(present) or not _TEXT_MODE.isdisjoint(present):
         return formula  # nothing to do, or text mode where math commands would be errors
     return " ".join(_respell(tokens, table))
 
 
+# Every token a spelling may write where there was none.
+_WRITTEN = _FONT_SWITCHES | {"{", "}", "^", "\\prime"} | {
+    t for s in SPELLINGS.values() for t in s.synonyms.values()}
 
-def lacking_font_tokens(formulas: Iterable[str], vocab: Vocab) -> list[str]:
-    """The font switches `formulas` (respelled labels) use that `vocab` lacks: a respelling
-    must not turn training targets into <unk>."""
-    used = {t for f in formulas if not _FONT_SWITCHES.isdisjoint(tokens := f.split())
-            for t in tokens}
-    return sorted(t for t in used & _FONT_SWITCHES if t not in vocab.index)
+
+def lacking_tokens(formulas: Iterable[str], vocab: Vocab) -> list[str]:
+    """The tokens a respelling writes that `formulas` (respelled labels) use and `vocab`
+    lacks: a respelling must not turn training targets into <unk>."""
+    used = {t for f in formulas if not _WRITTEN.isdisjoint(tokens := f.split()) for t in tokens}
+    return sorted(t for t in used & _WRITTEN if t not in vocab.index)

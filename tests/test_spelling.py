@@ -11,7 +11,7 @@ import pytest
 
 from data.dataset import FormulaDataset
 from data.normalize import detokenize
-from data.spelling import lacking_font_tokens, respell
+from data.spelling import lacking_tokens, respell
 from data.vocab import Vocab
 from model.checkpoint import load_checkpoint
 from tests.conftest import HAVE_TEX, run_script
@@ -33,11 +33,15 @@ REFERENCES = [
      r"\begin{array} { c c } \mathrm { a } & b \\ \mathrm { c } & d \end{array}"),
     (r"\left| \rm a \middle| b \right|", r"\left| \mathrm { a } \middle| b \right|"),
     (r"{ \rm \mathcal { A } b }", r"\mathrm { { \cal A } b }"),
+    (r"f ' ( x ) + g ' ' ^ { 2 } \to 0",
+     r"f ^ { \prime } ( x ) + g ^ { \prime \prime 2 } \rightarrow 0"),
+    (r"x _ { i } ' \, \mathcal { L } '", r"x _ { i } ^ { \prime } \, { \cal L } ^ { \prime }"),
 ]
 # what the references already spell this way, and what no spelling should touch
 UNCHANGED = [
     r"{ \cal L } = \mathrm { d } x",
-    r"\mbox { \rm a b } + \text { \bf c }",  # text mode: \mathrm would be an error there
+    r"\mbox { \rm a b } + \text { \bf c ' }",  # text mode: no \mathrm there, ' is an apostrophe
+    r"a ~ = ~ b",  # `~` is no `\ `: its \nobreak changes the space beside a relation
     r"\begin{tabular} { c } $ \rm x $ \end{tabular}",
     r"\boldsymbol { x } + \mathsf { A } + { \sf B }",  # fonts the table does not name
     r"x ^ { 2 } + \mathbb { R }",
@@ -66,10 +70,11 @@ def test_a_macro_argument_that_is_no_group_keeps_its_braces():
     assert respell(r"\ensuremath { \mathbf { 0 } } = 0") == r"\ensuremath { { \bf 0 } } = 0"
 
 
-def test_lacking_tokens_are_the_font_switches_the_vocabulary_has_not():
-    vocab = Vocab(["<pad>", "<s>", "</s>", "<unk>", "{", "}", "L", "\\cal", "x"])
-    assert lacking_font_tokens([r"{ \cal L }", r"{ \bf x } + y", "x"], vocab) == ["\\bf"]
-    assert lacking_font_tokens([r"{ \cal L }"], vocab) == []
+def test_lacking_tokens_are_those_a_respelling_writes_that_the_vocabulary_has_not():
+    vocab = Vocab(["<pad>", "<s>", "</s>", "<unk>", "{", "}", "L", "\\cal", "x", "^", "y"])
+    assert lacking_tokens([r"{ \cal L }", r"{ \bf x } + y", "x ^ { \\prime }"], vocab) == [
+        "\\bf", "\\prime"]
+    assert lacking_tokens([r"{ \cal L }", "x + y"], vocab) == []
 
 
 @pytest.mark.skipif(not HAVE_TEX, reason="needs pdflatex and ghostscript")

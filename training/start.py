@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from data.augment import Augmenter
 from data.dataset import BucketBatchSampler, FormulaDataset, collate
-from data.spelling import lacking_font_tokens, respell
+from data.spelling import lacking_tokens, respell
 from data.vocab import Vocab
 from model.batch_norm import to_global_batch_norm
 from model.checkpoint import BEST, LAST, load_checkpoint, model_from_checkpoint
@@ -143,7 +143,7 @@ def load_data(cfg: TrainConfig, d: Dist, vocab: Vocab) -> Data:
     val = FormulaDataset(data_dir / "shards" / "validate", vocab, max_len=cfg.max_len)
     if len(train) == 0:
         raise RunError(f"no training images in {data_dir}/shards/train")
-    if relabel is not None and (lacking := lacking_font_tokens(
+    if relabel is not None and (lacking := lacking_tokens(
             (f for b in train.buckets for f in b.formulas), vocab)):
         raise RunError(f"--label_spelling {cfg.label_spelling} writes {' '.join(lacking)}, "
                        "which the run's vocabulary lacks (built from the labels as they "
