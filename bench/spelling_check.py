@@ -1,13 +1,13 @@
-"""Does respelling font switches (data/spelling.py) keep every training formula's image?
+"""Does respelling (data/spelling.py) keep every training formula's image?
 
 For a dataset folder it counts, per split, the formulas that use each spelling of each font
-(the evidence for the "references" spelling) and the training formulas `respell` changes; then
-it renders a random sample of the changed ones before and after, strictly, and counts identical
-images among those whose original renders.
+switch, prime and arrow (the evidence for the "references" spelling) and the training formulas
+`respell` changes; then it renders a random sample of the changed ones before and after,
+strictly, and counts identical images among those whose original renders.
 
     python bench/spelling_check.py --data_path FULL --sample 6000 --seed 2
-    spelling_check: train 27,527 of 148,712 formulas respelled (references); renders identical
-    5355 of 5360 sampled whose original renders
+    spelling_check: train 38,060 of 148,712 formulas respelled (references); renders identical
+    ... of ... sampled whose original renders
 """
 
 from __future__ import annotations
@@ -31,14 +31,17 @@ def split_formulas(data_dir: Path, split: str, formulas: list[str]) -> list[str]
     return [formulas[i] for i in sorted(ids)]
 
 
+# the two spellings of each thing that typesets the same (data/spelling.py)
+PAIRS = [*COMMAND_OF.items(), ("'", "\\prime"), ("\\to", "\\rightarrow")]
+
+
 def spelling_counts(formulas: list[str]) -> Counter:
-    """Formulas using each font switch, per spelling (a formula may count for both)."""
+    """Formulas using each spelling of each pair (a formula may count for both)."""
     counts: Counter = Counter()
     for f in formulas:
         tokens = set(f.split())
-        for declaration, command in COMMAND_OF.items():
-            counts[declaration] += declaration in tokens
-            counts[command] += command in tokens
+        for pair in PAIRS:
+            counts.update(t for t in pair if t in tokens)
     return counts
 
 
@@ -75,7 +78,7 @@ def main() -> None:
     args = p.parse_args()
 
     formulas = read_lines(args.data_path / FORMULAS_FILE)
-    fonts = [f for pair in COMMAND_OF.items() for f in pair]
+    fonts = [t for pair in PAIRS for t in pair]
     print("formulas using each spelling (distinct formulas per split):")
     print("  split     " + " ".join(f"{f:>9}" for f in fonts))
     for split in ("train", "validate", "test"):

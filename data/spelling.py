@@ -78,9 +78,9 @@ SPELLINGS: dict[str, Spelling] = {
 }
 # The --spelling choices of the scripts that print readings (inference.py, serve.py).
 OUTPUT_SPELLINGS = ("as_read", *SPELLINGS)
-OUTPUT_HELP = ("font switches as the model writes them (as_read), all as commands "
-               "(\\mathcal { L }: what KaTeX renders), or as IM2LATEX-100K's references "
-               "({ \\cal L }); the same image either way")
+OUTPUT_HELP = ("font switches and primes as the model writes them (as_read), fonts all as "
+               "commands (\\mathcal { L }: what KaTeX renders), or as IM2LATEX-100K's "
+               "references ({ \\cal L }, f ^ { \\prime }); the same image either way")
 
 
 def _is_delimiter_word(t: str, word: str) -> bool:
