@@ -10,10 +10,10 @@ Each row is one checkpoint, with two figures that answer different questions:
   gets its BLEU difference from the first row with a paired bootstrap over those images
   (data/metrics.py): its standard deviation and 95% interval say whether the difference is a
   ranking or noise.
-- the same BLEU-4 with the font switches of both sides in one spelling ("folded", evaluate.py's
-  figure from data/metrics.py folded_scores): `\mathcal { L }` and `{ \cal L }` typeset the
-  same image, so the gap between the two BLEU columns is what a row loses to spelling rather
-  than to reading.
+- the same BLEU-4 with both sides in one spelling of fonts, primes and arrows ("folded",
+  evaluate.py's figure from data/metrics.py folded_scores): `\mathcal { L }` and `{ \cal L }`
+  typeset the same image, so the gap between the two BLEU columns is what a row loses to
+  spelling rather than to reading.
 A model whose vocabulary lacks some validation tokens reads them as <unk> (wrong for it): that
 is the cost of its vocabulary, and evaluate.py prints how many references are affected.
 Validation only: recipes are chosen here, never on test formulas.
@@ -84,7 +84,7 @@ def main() -> None:
     print(f"{'checkpoint':44s} {'val loss':>8s} {'val acc':>8s} {'BLEU-4':>7s} {'exact':>6s}"
           f" {'folded':>6s}  {'BLEU-4 vs first row: diff, sd, 95% interval':s}\n(loss/acc: all "
           f"validation images; BLEU/exact: first {args.n}, greedy; folded: BLEU-4 with both "
-          f"sides' font switches in one spelling; {args.bootstrap} paired resamples)")
+          f"sides in one spelling, data/spelling.py; {args.bootstrap} paired resamples)")
     rows, first = [], None
     for path in args.checkpoints:
         try:

@@ -69,9 +69,9 @@ def text_scores(refs: Sequence[str], hyps: Sequence[str]) -> dict[str, float]:
 
 
 def folded_scores(refs: Sequence[str], hyps: Sequence[str]) -> dict[str, float]:
-    r"""BLEU-4 and exact match with both sides' font switches in one spelling (data/spelling.py):
-    `\mathcal { L }` and `{ \cal L }` typeset the same image, so what these gain over
-    `text_scores` is what a reading loses to spelling rather than to reading."""
+    r"""BLEU-4 and exact match with both sides in one spelling of fonts, primes and arrows
+    (data/spelling.py): `\mathcal { L }` and `{ \cal L }` typeset the same image, so what
+    these gain over `text_scores` is what a reading loses to spelling rather than to reading."""
     scores = text_scores([respell(r) for r in refs], [respell(h) for h in hyps])
     return {"bleu4_folded": scores["bleu4"], "exact_match_folded": scores["exact_match"]}
 
