@@ -21,13 +21,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from data.layout import FORMULAS_FILE, read_lines  # noqa: E402
+from data.layout import FORMULAS_FILE, read_lines, split_file  # noqa: E402
 from data.spelling import COMMAND_OF, SPELLINGS, respell  # noqa: E402
 
 
 def split_formulas(data_dir: Path, split: str, formulas: list[str]) -> list[str]:
     """The distinct formulas a split's filter file points at."""
-    ids = {int(line.split()[1]) for line in read_lines(data_dir / f"im2latex_{split}_filter.lst")}
+    ids = {int(line.split()[1]) for line in read_lines(data_dir / split_file(split))}
     return [formulas[i] for i in sorted(ids)]
 
 

@@ -35,8 +35,8 @@ class FormulaDataset(Dataset):
     index only, so that which worker loads an item never changes what it looks like.
 
     `relabel(formula)`, if given, rewrites each formula once, when the split is loaded (e.g.
-    data.spelling.respell: one spelling per font switch); `formula(i)`, the targets and the
-    length limit all see the rewritten form, which is what the model is trained on."""
+    data.spelling.respell: one spelling for what typesets the same); `formula(i)`, the targets
+    and the length limit all see the rewritten form, which is what the model is trained on."""
 
     def __init__(self, shard_dir: str | Path, vocab: Vocab, max_len: int | None = None,
                  augment: Callable[[np.ndarray, int, int], np.ndarray] | None = None,

@@ -33,7 +33,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from data.normalize import _ROW_BREAKS, _TEXT_COMMANDS, _group_end
+from data.normalize import _ROW_BREAKS, _TEXT_COMMANDS, _group_end, _is_control_word
 from data.vocab import Vocab
 
 __all__ = ["COMMAND_OF", "OUTPUT_HELP", "OUTPUT_SPELLINGS", "SPELLINGS", "Spelling",
@@ -47,7 +47,6 @@ _FONT_SWITCHES = frozenset(COMMAND_OF) | frozenset(_DECLARATION_OF)
 # A formula holding these is set partly in text mode outside any text command's argument
 # (a tabular's cells, `$..$` inside them): it is left as it is.
 _TEXT_MODE = frozenset({"$", "\\begin{tabular}", "\\begin{tabular*}"})
-
 
 
 @dataclass(frozen=True)
@@ -115,13 +114,18 @@ _GROUPED_ARGUMENTS = frozenset("\\" + c for c in (
     "overrightarrow overleftarrow overbrace underbrace boxed").split())
 
 
-def _is_control_word(t: str) -> bool:
-    return t.startswith("\\") and t[1:2].isalpha()
-
-
 def _is_group(before: str) -> bool:
     """Is a `{` after the token `before` a TeX group (so a declaration in it stays inside)?"""
     return not _is_control_word(before) or before in _GROUPED_ARGUMENTS
+
+
+def _argument(tokens: Sequence[str], j: int) -> tuple[Sequence[str], int]:
+    """The TeX argument at tokens[j], a braced group or one token: (its content without the
+    braces, the index after it)."""
+    if tokens[j] == "{":
+        end = _group_end(tokens, j)
+        return tokens[j + 1:end - 1], end
+    return tokens[j:j + 1], j + 1
 
 
 def _copy_text_argument(tokens: Sequence[str], i: int, out: list[str]) -> int:
@@ -139,10 +143,9 @@ def _to_declaration(tokens: Sequence[str], i: int, out: list[str],
     if i + 1 >= len(tokens) or tokens[i + 1] in _FONT_SWITCHES:  # nothing sound to rewrite
         out.append(tokens[i])
         return i + 1
-    end = _group_end(tokens, i + 1) if tokens[i + 1] == "{" else i + 2
-    inner = tokens[i + 2:end - 1] if tokens[i + 1] == "{" else tokens[i + 1:end]
+    inner, end = _argument(tokens, i + 1)
     body = [declaration, *_respell(inner, spelling)]
-    if (len(out) >= 1 and out[-1] == "{" and end < len(tokens) and tokens[end] == "}"
+    if (out and out[-1] == "{" and end < len(tokens) and tokens[end] == "}"
             and _is_group(out[-2] if len(out) >= 2 else "")):
         out.extend([*body, "}"])  # the enclosing group already limits the declaration
         return end + 1
@@ -179,9 +182,7 @@ def _to_superscript(tokens: Sequence[str], i: int, out: list[str], spelling: Spe
         j += 1
     primes, rest = ["\\prime"] * (j - i), []
     if j + 1 < len(tokens) and tokens[j] == "^":
-        end = _group_end(tokens, j + 1) if tokens[j + 1] == "{" else j + 2
-        rest = tokens[j + 2:end - 1] if tokens[j + 1] == "{" else tokens[j + 1:end]
-        j = end
+        rest, j = _argument(tokens, j + 1)
     out.extend(["^", "{", *primes, *_respell(rest, spelling), "}"])
     return j
 

@@ -111,12 +111,13 @@ class TrainConfig:
     augment: float = option(0.0, "augment training images on the fly (data/augment.py): none, "
                             "light, strong or a strength in [0, 1] (0, none: older runs "
                             "reproduce)", run=True, type=augment_level, metavar="LEVEL")
-    label_spelling: str = option("as_is", "rewrite training labels so that each font switch "
-                                 "has one spelling (data/spelling.py): references, the "
-                                 "spelling of IM2LATEX-100K's references ({ \\cal L }, "
-                                 "\\mathrm { d }); commands (\\mathcal { L }); as_is: "
-                                 "labels as built, older runs reproduce. Validation keeps "
-                                 "its references", run=True, choices=["as_is", *SPELLINGS])
+    label_spelling: str = option("as_is", "rewrite training labels so that what typesets "
+                                 "the same has one spelling (data/spelling.py): references, "
+                                 "the spelling of IM2LATEX-100K's references ({ \\cal L }, "
+                                 "\\mathrm { d }, f ^ { \\prime }, \\rightarrow); commands "
+                                 "(fonts as \\mathcal { L }); as_is: labels as built, older "
+                                 "runs reproduce. Validation keeps its references", run=True,
+                                 choices=["as_is", *SPELLINGS])
     select_by: str = option("acc", "validation figure that picks best.pt and drives the plateau "
                             "schedule and --early_stop: token accuracy or loss "
                             "(model/selection.py says why)", run=True, choices=list(METRICS))
