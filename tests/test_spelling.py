@@ -65,6 +65,28 @@ def test_the_commands_spelling_goes_the_other_way():
     assert respell(r"\mathcal { L }", "commands") == r"\mathcal { L }"
 
 
+# (as written, in references_braced): references plus braced accent arguments
+BRACED = [
+    (r"\hat x + \bar \alpha _ { 1 } = \dot { y }",
+     r"\hat { x } + \bar { \alpha } _ { 1 } = \dot { y }"),
+    (r"\overline u ' \tilde \nabla", r"\overline { u } ^ { \prime } \tilde { \nabla }"),
+    (r"\hat \mathbf { x }", r"\hat { \bf x }"),  # a word that takes an argument: the font rule
+    (r"\widehat x + \sqrt 2", r"\widehat x + \sqrt 2"),  # the references leave these bare too
+    (r"\mbox { \hat a } + \vec a", r"\mbox { \hat a } + \vec { a }"),  # text mode copied
+]
+
+
+@pytest.mark.parametrize("written, braced", BRACED)
+def test_references_braced_also_braces_accent_arguments(written, braced):
+    assert respell(written, "references_braced") == braced
+    assert respell(braced, "references_braced") == braced
+
+
+def test_the_references_spelling_keeps_accents_as_written():
+    """Runs trained on "references" resume with the labels they had."""
+    assert respell(r"\hat x + \mathcal { L }") == r"\hat x + { \cal L }"
+
+
 def test_a_macro_argument_that_is_no_group_keeps_its_braces():
     r"""`\ensuremath { \bf 0 } = 0` would make `= 0` bold too: argument braces are no group."""
     assert respell(r"\ensuremath { \mathbf { 0 } } = 0") == r"\ensuremath { { \bf 0 } } = 0"
@@ -83,6 +105,8 @@ def test_respelled_formulas_typeset_the_same_pixels():
 
     written = [w for w, _ in REFERENCES] + [r"\ensuremath { \mathbf { 0 } } = 0"]
     respelled = [respell(w) for w in written]
+    written += [w for w, _ in BRACED[:2]]  # (BRACED[2] as written is no valid LaTeX)
+    respelled += [respell(w, "references_braced") for w, _ in BRACED[:2]]
     # the control: dropping the argument's braces, as the rule refuses to, changes the image
     written.append(r"\ensuremath { \mathbf { 0 } } = 0")
     respelled.append(r"\ensuremath { \bf 0 } = 0")

@@ -114,7 +114,9 @@ class TrainConfig:
     label_spelling: str = option("as_is", "rewrite training labels so that what typesets "
                                  "the same has one spelling (data/spelling.py): references, "
                                  "the spelling of IM2LATEX-100K's references ({ \\cal L }, "
-                                 "\\mathrm { d }, f ^ { \\prime }, \\rightarrow); commands "
+                                 "\\mathrm { d }, f ^ { \\prime }, \\rightarrow); "
+                                 "references_braced, the same with accent arguments braced "
+                                 "(\\hat { x }); commands "
                                  "(fonts as \\mathcal { L }); as_is: labels as built, older "
                                  "runs reproduce. Validation keeps its references", run=True,
                                  choices=["as_is", *SPELLINGS])
