@@ -469,6 +469,32 @@ def estimate_scale(glyphs: np.ndarray) -> float:
     return glyph_scale.estimate_scale(glyphs)
 
 
+def _without_halo(img: np.ndarray, ink: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float] | None:
+    """(ink mask, component boxes, glyph boxes, scale) of a blurred image at the training scale,
+    from the mask at the midpoint between paper and ink; None if that mask does not put the
+    image at the training scale.
+
+    Otsu's threshold on a mostly white page sits near the paper, so a blurred image's mask
+    carries a halo: every box grows by the blur's width and close glyphs merge, and a blurred
+    render at the training scale was estimated up to 1.7x larger, then shrunk and binarized.
+    At the midpoint a blurred edge sits where the sharp edge was. It is only a second opinion
+    for images Otsu calls larger than the training scale: on thin anti-aliased strokes the
+    midpoint breaks glyphs into pieces and calls them smaller (docs/training.md, stage 3)."""
+    paper, dark = float(np.median(img[~ink])), float(np.percentile(img[ink], 5))
+    mid = img < (paper + dark) / 2
+    if not mid.any():
+        return None
+    try:
+        all_boxes = bounded_component_boxes(mid)
+        glyphs = _glyph_boxes(all_boxes)
+    except ImageError:  # a second opinion never refuses what the first accepted
+        return None
+    scale = estimate_scale(glyphs)
+    low, high = TRAINING_SCALE_RANGE
+    return (mid, all_boxes, glyphs, scale) if low <= scale <= high else None
+
+
 def normalize_user_image(
     img: np.ndarray, bucket: bool = False, pad_px: int = 8, factor: int = 2,
     coverage: float = 0.5,
@@ -476,10 +502,11 @@ def normalize_user_image(
     """A user's formula image rescaled and styled like the renderer's output.
 
     The model only saw 12pt formulas at one size, so the glyph scale is estimated
-    (estimate_scale). An image already at the training scale (TRAINING_SCALE_RANGE)
-    is only cropped, contrast-stretched and padded; any other is resampled to ``factor`` x the
-    training resolution, where pixels with at least ``coverage`` ink become black, and finished
-    exactly like a render (crop, pad, optional bucket, LANCZOS halving).
+    (estimate_scale; for a blurred image, from a mask without the blur's halo). An image
+    already at the training scale (TRAINING_SCALE_RANGE) is only cropped, contrast-stretched
+    and padded; any other is resampled to ``factor`` x the training resolution, where pixels
+    with at least ``coverage`` ink become black, and finished exactly like a render (crop,
+    pad, optional bucket, LANCZOS halving).
 
     The work is bounded whatever the input (a server and a batch job call this on untrusted
     files): the analysis runs at most at _ANALYSIS_SIDE, the component analysis refuses noise,
@@ -487,8 +514,10 @@ def normalize_user_image(
     minimum size. ImageError for anything that cannot be read within these bounds.
     """
     img, ink, all_boxes, boxes = analyse(img)
-    size_px = glyph_size(boxes)
     scale = estimate_scale(boxes)
+    if scale > TRAINING_SCALE_RANGE[1] and (~ink).any() and (sharp := _without_halo(img, ink)):
+        ink, all_boxes, boxes, scale = sharp  # a blurred image at the training scale
+    size_px = glyph_size(boxes)
     top, left, bottom, right = _formula_extent(all_boxes, boxes, reach=1.5 * size_px)
     crop, ink = img[top:bottom, left:right], ink[top:bottom, left:right]
     paper = float(np.median(crop[~ink])) if (~ink).any() else 255.0

@@ -299,3 +299,21 @@ def test_renders_at_training_scale_pass_through_unresampled():
         out = crop_to_ink(normalize_user_image(render), threshold=250)
         ref = crop_to_ink(render, threshold=250)
         assert out.shape == ref.shape and (out == ref).all()
+
+
+@pytest.mark.skipif(not HAVE_TEX, reason="needs pdflatex and gs")
+def test_a_blurred_render_keeps_the_training_scale():
+    """Otsu's mask of a blurred image carries a halo that made blurred renders look up to 1.7x
+    larger, so they were shrunk; the halo-free mask keeps them at the training scale."""
+    from data.degrade import blur
+    from data.render import render_formulas
+
+    for formula, render in zip(BLUR_FORMULAS, render_formulas(BLUR_FORMULAS)):
+        assert render is not None
+        sharp, blurred = normalize_user_image(render), normalize_user_image(blur(render, 1.0))
+        assert abs(np.log(blurred.shape[1] / sharp.shape[1])) < np.log(1.1), formula
+
+
+# Close glyphs and scripts, whose halos merge under a blur.
+BLUR_FORMULAS = [r"[ \bar{K}_a^-(p), \bar{K}_b^-(k) ] = i f_{abc} \bar{K}_c^-(p+k)",
+                 r"E(v)=\frac{d}{dt}E(q) \forall t ."]
