@@ -495,6 +495,15 @@ def _without_halo(img: np.ndarray, ink: np.ndarray
     return (mid, all_boxes, glyphs, scale) if low <= scale <= high else None
 
 
+def _hard_edged(img: np.ndarray, ink: np.ndarray) -> bool:
+    """Is the image binary, without the soft edges of every training render (rendered at
+    twice the scale and LANCZOS-halved)? A 100-dpi render or a thresholded scan is: fewer
+    pixels between ink and paper than 5% of the ink's."""
+    paper, dark = float(np.median(img[~ink])), float(np.percentile(img[ink], 5))
+    between = (img > dark + 0.15 * (paper - dark)) & (img < dark + 0.85 * (paper - dark))
+    return int(between.sum()) < 0.05 * int(ink.sum())
+
+
 def normalize_user_image(
     img: np.ndarray, bucket: bool = False, pad_px: int = 8, factor: int = 2,
     coverage: float = 0.5,
@@ -503,10 +512,10 @@ def normalize_user_image(
 
     The model only saw 12pt formulas at one size, so the glyph scale is estimated
     (estimate_scale; for a blurred image, from a mask without the blur's halo). An image
-    already at the training scale (TRAINING_SCALE_RANGE) is only cropped, contrast-stretched
-    and padded; any other is resampled to ``factor`` x the training resolution, where pixels
-    with at least ``coverage`` ink become black, and finished exactly like a render (crop,
-    pad, optional bucket, LANCZOS halving).
+    already at the training scale (TRAINING_SCALE_RANGE), unless it is hard-edged, is only
+    cropped, contrast-stretched and padded; any other is resampled to ``factor`` x the
+    training resolution, where pixels with at least ``coverage`` ink become black, and
+    finished exactly like a render (crop, pad, optional bucket, LANCZOS halving).
 
     The work is bounded whatever the input (a server and a batch job call this on untrusted
     files): the analysis runs at most at _ANALYSIS_SIDE, the component analysis refuses noise,
@@ -515,17 +524,21 @@ def normalize_user_image(
     """
     img, ink, all_boxes, boxes = analyse(img)
     scale = estimate_scale(boxes)
-    if scale > TRAINING_SCALE_RANGE[1] and (~ink).any() and (sharp := _without_halo(img, ink)):
+    has_paper = bool((~ink).any())
+    hard = has_paper and _hard_edged(img, ink)
+    if scale > TRAINING_SCALE_RANGE[1] and has_paper and (sharp := _without_halo(img, ink)):
         ink, all_boxes, boxes, scale = sharp  # a blurred image at the training scale
     size_px = glyph_size(boxes)
     top, left, bottom, right = _formula_extent(all_boxes, boxes, reach=1.5 * size_px)
     crop, ink = img[top:bottom, left:right], ink[top:bottom, left:right]
     paper = float(np.median(crop[~ink])) if (~ink).any() else 255.0
     dark = float(np.percentile(crop[ink], 5))
-    if TRAINING_SCALE_RANGE[0] <= scale <= TRAINING_SCALE_RANGE[1]:
+    if TRAINING_SCALE_RANGE[0] <= scale <= TRAINING_SCALE_RANGE[1] and not hard:
         # Already at the training scale: only stretch paper to white and ink to black. The
         # resample-and-threshold round trip below moves edges by a pixel, and on renders that
-        # cost the reference model 12 BLEU points.
+        # cost the reference model 12 BLEU points. A hard-edged image takes the round trip
+        # all the same: its halving gives it the soft edges the model knows (the 100-dpi
+        # robustness row: docs/training.md, stage 3 of v2).
         edge = 4  # the Otsu mask leaves out the lightest anti-aliased edge pixels
         region = img[max(0, top - edge):bottom + edge, max(0, left - edge):right + edge]
         span = max(paper - dark, 1.0)

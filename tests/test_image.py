@@ -317,3 +317,18 @@ def test_a_blurred_render_keeps_the_training_scale():
 # Close glyphs and scripts, whose halos merge under a blur.
 BLUR_FORMULAS = [r"[ \bar{K}_a^-(p), \bar{K}_b^-(k) ] = i f_{abc} \bar{K}_c^-(p+k)",
                  r"E(v)=\frac{d}{dt}E(q) \forall t ."]
+
+
+@pytest.mark.skipif(not HAVE_TEX, reason="needs pdflatex and gs")
+def test_a_hard_edged_image_at_the_training_scale_gets_the_renders_soft_edges():
+    """A binary image (a 100-dpi render, a thresholded scan) at the training scale goes the
+    resample path, whose LANCZOS halving gives it the gray edges every training render has;
+    a render already has them and is passed through."""
+    from data.render import render_formulas
+
+    for render in render_formulas(BLUR_FORMULAS):
+        hard = np.where(render < 128, 0, 255).astype(np.uint8)
+        out = normalize_user_image(hard)
+        gray = ((out > 40) & (out < 215)).sum() / (out < 128).sum()
+        assert gray > 0.1
+        assert abs(np.log(out.shape[1] / normalize_user_image(render).shape[1])) < np.log(1.1)
