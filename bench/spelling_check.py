@@ -99,13 +99,14 @@ def main() -> None:
     fonts = [t for pair in PAIRS for t in pair]
     print("formulas using each spelling (distinct formulas per split):")
     print("  split     " + " ".join(f"{f:>9}" for f in fonts))
-    for split in ("train", "validate", "test"):
-        c = spelling_counts(split_formulas(args.data_path, split, formulas))
+    splits = {s: split_formulas(args.data_path, s, formulas) for s in ("train", "validate", "test")}
+    for split, these in splits.items():
+        c = spelling_counts(these)
         print(f"  {split:9} " + " ".join(f"{c[f]:9,}" for f in fonts))
-    for split in ("train", "validate", "test"):
-        bare, total = bare_accents(split_formulas(args.data_path, split, formulas))
+    for split, these in splits.items():
+        bare, total = bare_accents(these)
         print(f"accent arguments not braced ({split}): {bare:,} of {total:,}")
-    train = split_formulas(args.data_path, "train", formulas)
+    train = splits["train"]
     base = train if args.base == "as_is" else [respell(f, args.base) for f in train]
     changed = [(b, g) for f, b in zip(train, base) if (g := respell(f, args.spelling)) != b]
     line = (f"spelling_check: train {len(changed):,} of {len(train):,} formulas respelled "

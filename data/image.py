@@ -469,7 +469,14 @@ def estimate_scale(glyphs: np.ndarray) -> float:
     return glyph_scale.estimate_scale(glyphs)
 
 
-def _without_halo(img: np.ndarray, ink: np.ndarray
+def _ink_levels(img: np.ndarray, ink: np.ndarray) -> tuple[float, float]:
+    """(paper, ink) gray levels under an ink mask: the paper's median (white where there is
+    none) and the ink's 5th percentile, its darkest without being one stray pixel."""
+    paper = float(np.median(img[~ink])) if (~ink).any() else 255.0
+    return paper, float(np.percentile(img[ink], 5))
+
+
+def _without_halo(img: np.ndarray, levels: tuple[float, float]
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float] | None:
     """(ink mask, component boxes, glyph boxes, scale) of a blurred image at the training scale,
     from the mask at the midpoint between paper and ink; None if that mask does not put the
@@ -481,8 +488,7 @@ def _without_halo(img: np.ndarray, ink: np.ndarray
     At the midpoint a blurred edge sits where the sharp edge was. It is only a second opinion
     for images Otsu calls larger than the training scale: on thin anti-aliased strokes the
     midpoint breaks glyphs into pieces and calls them smaller (docs/training.md, stage 3)."""
-    paper, dark = float(np.median(img[~ink])), float(np.percentile(img[ink], 5))
-    mid = img < (paper + dark) / 2
+    mid = img < sum(levels) / 2
     if not mid.any():
         return None
     try:
@@ -495,11 +501,11 @@ def _without_halo(img: np.ndarray, ink: np.ndarray
     return (mid, all_boxes, glyphs, scale) if low <= scale <= high else None
 
 
-def _hard_edged(img: np.ndarray, ink: np.ndarray) -> bool:
+def _hard_edged(img: np.ndarray, ink: np.ndarray, levels: tuple[float, float]) -> bool:
     """Is the image binary, without the soft edges of every training render (rendered at
     twice the scale and LANCZOS-halved)? A 100-dpi render or a thresholded scan is: fewer
     pixels between ink and paper than 5% of the ink's."""
-    paper, dark = float(np.median(img[~ink])), float(np.percentile(img[ink], 5))
+    paper, dark = levels
     between = (img > dark + 0.15 * (paper - dark)) & (img < dark + 0.85 * (paper - dark))
     return int(between.sum()) < 0.05 * int(ink.sum())
 
@@ -524,15 +530,15 @@ def normalize_user_image(
     """
     img, ink, all_boxes, boxes = analyse(img)
     scale = estimate_scale(boxes)
-    has_paper = bool((~ink).any())
-    hard = has_paper and _hard_edged(img, ink)
-    if scale > TRAINING_SCALE_RANGE[1] and has_paper and (sharp := _without_halo(img, ink)):
+    has_paper = bool((~ink).any())  # else there are no edges to judge
+    levels = _ink_levels(img, ink)
+    hard = has_paper and _hard_edged(img, ink, levels)
+    if scale > TRAINING_SCALE_RANGE[1] and has_paper and (sharp := _without_halo(img, levels)):
         ink, all_boxes, boxes, scale = sharp  # a blurred image at the training scale
     size_px = glyph_size(boxes)
     top, left, bottom, right = _formula_extent(all_boxes, boxes, reach=1.5 * size_px)
     crop, ink = img[top:bottom, left:right], ink[top:bottom, left:right]
-    paper = float(np.median(crop[~ink])) if (~ink).any() else 255.0
-    dark = float(np.percentile(crop[ink], 5))
+    paper, dark = _ink_levels(crop, ink)
     if TRAINING_SCALE_RANGE[0] <= scale <= TRAINING_SCALE_RANGE[1] and not hard:
         # Already at the training scale: only stretch paper to white and ink to black. The
         # resample-and-threshold round trip below moves edges by a pixel, and on renders that

@@ -301,6 +301,11 @@ def test_renders_at_training_scale_pass_through_unresampled():
         assert out.shape == ref.shape and (out == ref).all()
 
 
+# Close glyphs and scripts, whose halos merge under a blur.
+BLUR_FORMULAS = [r"[ \bar{K}_a^-(p), \bar{K}_b^-(k) ] = i f_{abc} \bar{K}_c^-(p+k)",
+                 r"E(v)=\frac{d}{dt}E(q) \forall t ."]
+
+
 @pytest.mark.skipif(not HAVE_TEX, reason="needs pdflatex and gs")
 def test_a_blurred_render_keeps_the_training_scale():
     """Otsu's mask of a blurred image carries a halo that made blurred renders look up to 1.7x
@@ -313,10 +318,6 @@ def test_a_blurred_render_keeps_the_training_scale():
         sharp, blurred = normalize_user_image(render), normalize_user_image(blur(render, 1.0))
         assert abs(np.log(blurred.shape[1] / sharp.shape[1])) < np.log(1.1), formula
 
-
-# Close glyphs and scripts, whose halos merge under a blur.
-BLUR_FORMULAS = [r"[ \bar{K}_a^-(p), \bar{K}_b^-(k) ] = i f_{abc} \bar{K}_c^-(p+k)",
-                 r"E(v)=\frac{d}{dt}E(q) \forall t ."]
 
 
 @pytest.mark.skipif(not HAVE_TEX, reason="needs pdflatex and gs")
