@@ -9,7 +9,16 @@ from PIL import Image, ImageFilter
 
 import train
 from data import augment
-from data.augment import TRANSFORMS, Augmenter, distort, fit_into, legible, parse_level
+from data.augment import (
+    TRANSFORMS,
+    Augmenter,
+    distort,
+    fit_into,
+    legible,
+    low_res,
+    parse_level,
+    with_low_res,
+)
 from data.dataset import FormulaDataset
 from data.image import ImageError, ink_bbox
 from data.vocab import Vocab
@@ -30,7 +39,8 @@ def dark_on_light(img: np.ndarray) -> bool:
     return img.dtype == np.uint8 and img.ndim == 2 and paper >= 150 and img.min() < paper - 60
 
 
-@pytest.mark.parametrize("name,fn", [(n, f) for n, _, f in TRANSFORMS], ids=lambda v: str(v))
+@pytest.mark.parametrize("name,fn", [(n, f) for n, _, f in with_low_res(0.5)],
+                         ids=lambda v: str(v))
 def test_each_transform_changes_the_image_and_keeps_it_uint8_dark_on_white(train_ds, name, fn):
     for i in (0, len(train_ds) // 2, len(train_ds) - 1):
         img = train_ds[i][0]
@@ -78,6 +88,29 @@ def test_the_dataset_hook_follows_the_epoch_and_leaves_padding_entries_alone(tin
     for i in range(10):  # a padding entry carries no targets: nothing to train, no work
         img, ids = ds[-1 - i]
         assert ids is None and np.array_equal(img, plain[i][0])
+
+
+def test_low_res_shrinks_to_a_small_image_that_normalization_brings_back(train_ds):
+    img = train_ds[len(train_ds) // 2][0]
+    top, bottom, left, right = ink_bbox(img, threshold=250)
+    factors = []
+    for seed in range(12):
+        small = low_res(img, np.random.default_rng(seed), 1.0)
+        factors.append(small.shape[1] / img.shape[1])
+    assert 0.59 <= min(factors) < 0.7 and max(factors) <= 0.86  # 0.6x-0.85x at full strength
+    assert max(low_res(img, np.random.default_rng(0), 0.1).shape[1] / img.shape[1]
+               for _ in range(3)) == pytest.approx(0.85, abs=0.01)  # the least it shrinks
+
+
+def test_a_low_res_share_adds_the_transform_and_none_keeps_older_runs_images(train_ds):
+    assert with_low_res(0.0) is TRANSFORMS
+    assert [n for n, _, _ in with_low_res(0.3)][:2] == ["scale", "low_res"]
+    old, none, some = Augmenter(0.75, 5), Augmenter(0.75, 5, 0.0), Augmenter(0.75, 5, 1.0)
+    imgs = [train_ds[i][0] for i in range(12)]
+    assert all(np.array_equal(old(x, 0, i), none(x, 0, i)) for i, x in enumerate(imgs))
+    assert any(not np.array_equal(old(x, 0, i), some(x, 0, i)) for i, x in enumerate(imgs))
+    with pytest.raises(ValueError, match="low-resolution share"):
+        Augmenter(0.5, 0, low_res=1.5)
 
 
 def test_a_refused_normalization_falls_back_to_the_clean_image(train_ds, monkeypatch):
@@ -132,6 +165,16 @@ def test_levels_parse_and_bad_ones_fail_clearly(capsys):
     with pytest.raises(SystemExit) as e:
         parse_args(["--data_path", "x", "--save_dir", "y", "--augment", "heavy"])
     assert e.value.code == 2 and "--augment" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--data_path", "x", "--save_dir", "y", "--augment_low_res", "2"])
+    assert e.value.code == 2 and "--augment_low_res" in capsys.readouterr().err
+
+
+def test_a_low_res_share_without_augmentation_is_refused(tiny_dataset, tmp_path, capsys):
+    """It shares out augmented images: alone it would silently do nothing."""
+    assert train.main(["--data_path", str(tiny_dataset), "--save_dir", str(tmp_path / "r"),
+                       *COMMON, "--augment_low_res", "0.3"]) == 1
+    assert "needs --augment" in capsys.readouterr().err
 
 
 COMMON = [*TINY_MODEL, "--batch_size", "16", "--quiet", "--amp", "off"]

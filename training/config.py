@@ -70,6 +70,7 @@ def share(expected: str, below_one: bool) -> Callable[[str], float]:
 
 smoothing = share("a label smoothing in [0, 1)", below_one=True)
 mix_weight = share("a weight in [0, 1]", below_one=False)
+share_of_images = share("a share in [0, 1]", below_one=False)
 
 
 def default_device() -> str:
@@ -111,6 +112,10 @@ class TrainConfig:
     augment: float = option(0.0, "augment training images on the fly (data/augment.py): none, "
                             "light, strong or a strength in [0, 1] (0, none: older runs "
                             "reproduce)", run=True, type=augment_level, metavar="LEVEL")
+    augment_low_res: float = option(0.0, "share of augmented images also shrunk to a low "
+                                    "resolution, 0.6x-0.85x (data/augment.py low_res; 0: older "
+                                    "runs reproduce)", run=True, type=share_of_images,
+                                    metavar="SHARE")
     label_spelling: str = option("as_is", "rewrite training labels so that what typesets "
                                  "the same has one spelling (data/spelling.py): references, "
                                  "the spelling of IM2LATEX-100K's references ({ \\cal L }, "

@@ -135,7 +135,9 @@ class Data:
 
 def load_data(cfg: TrainConfig, d: Dist, vocab: Vocab) -> Data:
     data_dir = Path(cfg.data_path)
-    augment = Augmenter(cfg.augment, cfg.seed) if cfg.augment else None
+    if cfg.augment_low_res and not cfg.augment:
+        raise RunError("--augment_low_res shares out augmented images: it needs --augment")
+    augment = Augmenter(cfg.augment, cfg.seed, cfg.augment_low_res) if cfg.augment else None
     relabel = None if cfg.label_spelling == "as_is" else partial(respell,
                                                                    spelling=cfg.label_spelling)
     train = FormulaDataset(data_dir / "shards" / "train", vocab, max_len=cfg.max_len,
@@ -162,6 +164,7 @@ def load_data(cfg: TrainConfig, d: Dist, vocab: Vocab) -> Data:
           f"({train.skipped_long} train formulas over --max_len {cfg.max_len} left out); "
           f"effective batch {cfg.batch_size * d.world} ({cfg.batch_size} x {d.world}), "
           f"lr {cfg.lr:g}" + (f", augmentation {cfg.augment:g}" if augment else "")
+          + (f" ({cfg.augment_low_res:g} low-resolution)" if cfg.augment_low_res else "")
           + (f", labels in the {cfg.label_spelling} spelling" if relabel else ""))
     return Data(train, val, sampler, val_loader)
 
