@@ -1,6 +1,7 @@
 """Cost and look of the training augmentation (data/augment.py) on a preprocessed dataset.
 
     python bench/augment.py --data_path DIR [--epochs 3] [--grid docs/augment_grid.png]
+    python bench/augment.py --data_path DIR --strengths 0.75 --low_res 0.3   # a run's setting
 
 Prints, per level, the time per training image (raw read + augmentation + normalization +
 bucket fitting), the share of images changed and the share left clean because normalization or
@@ -21,13 +22,13 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from data.augment import LEVELS, TRANSFORMS, Augmenter  # noqa: E402
+from data.augment import LEVELS, Augmenter, with_low_res  # noqa: E402
 from data.dataset import FormulaDataset  # noqa: E402
 from data.vocab import Vocab  # noqa: E402
 
 
-def level_cost(ds: FormulaDataset, strength: float, epochs: int) -> str:
-    aug = Augmenter(strength, seed=2020)
+def level_cost(ds: FormulaDataset, strength: float, epochs: int, low_res: float) -> str:
+    aug = Augmenter(strength, seed=2020, low_res=low_res)
     changed = 0
     t = time.perf_counter()
     for epoch in range(epochs):
@@ -36,15 +37,16 @@ def level_cost(ds: FormulaDataset, strength: float, epochs: int) -> str:
             changed += not np.array_equal(aug(img, epoch, i), img)
     n = epochs * len(ds)
     ms = 1000 * (time.perf_counter() - t) / n
-    return (f"strength {strength:g}: {ms:.2f} ms/image over {n} images, changed "
-            f"{100 * changed / n:.0f}%, left clean after a refusal {100 * aug.fallbacks / n:.1f}%")
+    return (f"strength {strength:g}, low-resolution share {low_res:g}: {ms:.2f} ms/image over "
+            f"{n} images, changed {100 * changed / n:.0f}%,"
+            f" left clean after a refusal {100 * aug.fallbacks / n:.1f}%")
 
 
 def transform_cost(ds: FormulaDataset, repeats: int = 20) -> list[str]:
     rng = np.random.default_rng(0)
     sample = [ds[i][0] for i in range(0, len(ds), max(1, len(ds) // 20))]
     out = []
-    for name, _, fn in TRANSFORMS:
+    for name, _, fn in with_low_res(1.0):  # every transform, low_res included
         t = time.perf_counter()
         for _ in range(repeats):
             for img in sample:
@@ -78,6 +80,10 @@ def main() -> int:
     p.add_argument("--data_path", required=True, help="dataset folder with shards/train")
     p.add_argument("--epochs", type=int, default=3, help="draws per image for the timing")
     p.add_argument("--grid", type=Path, help="write a picture of augmented samples here")
+    p.add_argument("--strengths", type=float, nargs="+", default=[LEVELS["light"],
+                   LEVELS["strong"]], help="augmentation strengths to time")
+    p.add_argument("--low_res", type=float, default=0.0,
+                   help="share of augmented images also shrunk (train.py --augment_low_res)")
     args = p.parse_args()
     shard_dir = Path(args.data_path) / "shards" / "train"
     if not shard_dir.is_dir():
@@ -85,8 +91,8 @@ def main() -> int:
         return 1
     ds = FormulaDataset(shard_dir, Vocab.load(Path(args.data_path) / "vocab.json"))
     print(f"{len(ds)} training images of {args.data_path}")
-    for name in ("light", "strong"):
-        print(level_cost(ds, LEVELS[name], args.epochs))
+    for strength in args.strengths:
+        print(level_cost(ds, strength, args.epochs, args.low_res))
     print("\n".join(transform_cost(ds)))
     if args.grid:
         grid(ds, args.grid)
