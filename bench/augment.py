@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from data.augment import LEVELS, Augmenter, with_low_res  # noqa: E402
 from data.dataset import FormulaDataset  # noqa: E402
+from data.files import atomic_open  # noqa: E402
 from data.vocab import Vocab  # noqa: E402
 
 
@@ -71,7 +72,8 @@ def grid(ds: FormulaDataset, path: Path, rows: int = 8, draws: int = 4) -> None:
         for k, t in enumerate(row):
             canvas[y + 4:y + 4 + t.shape[0], k * cell_w + 4:k * cell_w + 4 + t.shape[1]] = t
         y += h
-    Image.fromarray(canvas).save(path)
+    with atomic_open(path) as f:
+        Image.fromarray(canvas).save(f, format="PNG")
 
 
 def main() -> int:

@@ -35,6 +35,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from data.dataset import BucketBatchSampler, FormulaDataset, collate
+from data.files import atomic_write
 from data.layout import MAX_TRAIN_TOKENS
 from data.metrics import paired_bootstrap
 from model.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
@@ -103,7 +104,7 @@ def main() -> None:
         print(f"{path[-44:]:44s} {tf['val_loss']:8.4f} {100 * tf['val_acc']:7.2f}% "
               f"{g['bleu4']:7.2f} {g['exact_match']:5.1f}% {folded:6.2f}{versus}", flush=True)
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+        atomic_write(args.json, json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

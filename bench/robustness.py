@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from data.conditions import CONDITIONS  # noqa: E402
+from data.files import atomic_write  # noqa: E402
 from data.image import ImageError, read_user_image  # noqa: E402
 from data.layout import read_lines, read_matching  # noqa: E402
 from data.metrics import text_scores  # noqa: E402
@@ -107,6 +108,9 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--no_normalize", dest="normalize", action="store_false",
+                   help="feed every image as it is, not through normalize_user_image: beside "
+                        "the default table, says which rows normalization helps or costs")
     args = p.parse_args(argv)
     if args.n < 1:
         p.error("--n must be at least 1")
@@ -134,10 +138,11 @@ def read_formulas(args: argparse.Namespace) -> list[str]:
     return formulas
 
 
-def user_input(data: bytes, name: str) -> np.ndarray | None:
-    """An image file as inference.py reads it; None where normalization refuses it."""
+def user_input(data: bytes, name: str, normalize: bool = True) -> np.ndarray | None:
+    """An image file as inference.py reads it; None where normalization (or, fed as it is, the
+    largest bucket) refuses it."""
     try:
-        return read_user_image(data, name)
+        return read_user_image(data, name, normalize=normalize)
     except ImageError:
         return None
 
@@ -148,7 +153,7 @@ def render(formulas: list[str], style: str, quiet: bool) -> list[np.ndarray | No
 
 
 def rendered_rows(names: list[str], formulas: list[str], seed: int, quiet: bool,
-                  save: Path | None) -> list[Row]:
+                  save: Path | None, normalize: bool = True) -> list[Row]:
     """The rows made from renders: each image condition of the default render, then each style
     (its clean look). Each condition's randomness depends on the seed, its name and the
     formula's position only, so a row is the same whatever else runs with it."""
@@ -170,7 +175,7 @@ def rendered_rows(names: list[str], formulas: list[str], seed: int, quiet: bool,
                     continue
                 data = cond.make(img, np.random.default_rng([seed, tag, i]))
                 save_example(save, name, i, data)
-                row.images.append(user_input(data, f"{name}/{i}"))
+                row.images.append(user_input(data, f"{name}/{i}", normalize))
                 row.refs.append(ref)
             rows.append(row)
     return rows
@@ -188,7 +193,7 @@ def val_images_row(args: argparse.Namespace) -> Row:
     for i, e in enumerate(entries[:args.n]):
         data = Path(e.image).read_bytes()
         save_example(args.examples, VAL_IMAGES, i, data)
-        row.images.append(user_input(data, str(e.image)))
+        row.images.append(user_input(data, str(e.image), args.normalize))
         row.refs.append(e.formula)
     return row
 
@@ -252,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         names = check_conditions(args.conditions)
         rendered = [n for n in names if n != VAL_IMAGES]
         formulas = read_formulas(args) if rendered else []
-        rows = rendered_rows(rendered, formulas, args.seed, args.quiet, args.examples)
+        rows = rendered_rows(rendered, formulas, args.seed, args.quiet, args.examples,
+                             args.normalize)
         if VAL_IMAGES in names:
             rows.append(val_images_row(args))
     except (ValueError, RenderError) as e:
@@ -262,13 +268,15 @@ def main(argv: list[str] | None = None) -> int:
     rows.sort(key=lambda r: order[r.name])
     table = score(rows, decode(rows, args) if rows else [])
     print(f"model {args.model_path}, beam {args.beam_size}, first {args.n} "
-          f"{args.formulas or args.split} formulas, seed {args.seed}")
+          f"{args.formulas or args.split} formulas, seed {args.seed}"
+          + ("" if args.normalize else ", images fed as they are (--no_normalize)"))
     print(format_table(table))
     if args.json:
         doc = {"model_path": str(args.model_path), "beam_size": args.beam_size, "n": args.n,
                "formulas": str(args.formulas or args.split), "seed": args.seed,
+               "normalize": args.normalize,
                "rows": table, "mean_bleu4": mean_bleu(table) if table else None}
-        Path(args.json).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+        atomic_write(args.json, json.dumps(doc, indent=1) + "\n")
     return 0
 
 

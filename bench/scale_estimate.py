@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from data import glyph_scale, image  # noqa: E402
+from data.files import atomic_open  # noqa: E402
 
 FACTORS = (1.0, 1.3, 1.7, 2.2, 3.0, 4.0)
 LOOKS = {"render": FACTORS, "upscaled": FACTORS, "thin": (1.0, 2.2), "gray": (1.3, 3.0),
@@ -137,7 +138,8 @@ def calibrate(formulas: list[str], base: list) -> None:
             for img in make_look(look, s, formulas, base):
                 if img is not None:
                     pairs.append((image.analyse(img)[3], true_scale(img, s)))
-    np.save(glyph_scale.TEMPLATE_PATH, glyph_scale.build_template(pairs))
+    with atomic_open(glyph_scale.TEMPLATE_PATH) as f:  # the estimate every user image takes
+        np.save(f, glyph_scale.build_template(pairs))
     print(f"wrote {glyph_scale.TEMPLATE_PATH} from {len(pairs)} images")
 
 
