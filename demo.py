@@ -137,7 +137,7 @@ def read_all(examples: list[Example], cfg: DemoConfig) -> None:
     for ex in examples:
         for view, data in ex.files.items():
             try:
-                images.append(reader.prepare(data, f"{view}.img"))
+                images.append(reader.readings(data, f"{view}.img"))
                 slots.append((ex, view))
             except ImageError:
                 ex.readings[view] = ""

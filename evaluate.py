@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from data.files import atomic_write
-from data.image import ImageError, read_user_image
+from data.image import ImageError, read_user_readings
 from data.layout import FORMULAS_FILE, read_lines, read_matching, read_split
 from data.metrics import folded_scores, image_scores, text_scores
 from data.vocab import VocabError
@@ -98,13 +98,13 @@ def image_pipeline(args: argparse.Namespace) -> tuple[bool, str]:
 
 
 def read_entries(entries: list, normalize_them: bool, problems: list[str]
-                 ) -> tuple[list[np.ndarray], list[str]]:
+                 ) -> tuple[list[tuple[np.ndarray, ...]], list[str]]:
     """(model inputs, references) through the reader inference.py uses, one image path for
     both; an image that cannot be read is reported and left out."""
     images, refs = [], []
     for e in entries:
         try:
-            images.append(read_user_image(e.image, normalize=normalize_them))
+            images.append(read_user_readings(e.image, normalize=normalize_them))
         except (ImageError, OSError) as err:
             problems.append(f"{e.source}: {err}")
             continue
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"note: {unknown} of {len(refs)} references hold tokens outside the model's "
               "vocabulary; those cannot be matched exactly", file=sys.stderr)
-    bar = tqdm(total=len(images), desc="decoding", unit="img", disable=args.quiet)
+    bar = tqdm(total=sum(map(len, images)), desc="decoding", unit="img", disable=args.quiet)
     preds = reader.decode(images, on_batch=bar.update)
     bar.close()
     hyps = [p.latex for p in preds]

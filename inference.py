@@ -29,7 +29,7 @@ import numpy as np
 
 from data.custom import clean_formula, load_answer_key
 from data.files import atomic_write
-from data.image import IMAGE_SUFFIXES, ImageError, read_user_image
+from data.image import IMAGE_SUFFIXES, ImageError, read_user_readings
 from data.normalize import NormalizeError
 from data.spelling import OUTPUT_HELP, OUTPUT_SPELLINGS, respell
 from im2latex.api import BACKENDS, DEFAULT_ONNX_DIR, Reader
@@ -105,19 +105,20 @@ def same_formula(predicted: str, expected: str) -> bool:
 
 
 def read_images(files: list[Path], normalize_them: bool, failures: list[tuple[str, str]]
-                ) -> tuple[list[str], list[np.ndarray]]:
-    """(names, model inputs) of the files that could be read; the others go to `failures`."""
+                ) -> tuple[list[str], list[tuple[np.ndarray, ...]]]:
+    """(names, model inputs: each image's readings) of the files that could be read; the
+    others go to `failures`."""
     names, images = [], []
     for f in files:
         try:
-            images.append(read_user_image(f, normalize=normalize_them))
+            images.append(read_user_readings(f, normalize=normalize_them))
             names.append(str(f))
         except (ImageError, OSError) as e:
             failures.append((str(f), str(e) if str(f) in str(e) else f"{f}: {e}"))
     return names, images
 
 
-def decode_all(reader: Reader, names: list[str], images: list[np.ndarray],
+def decode_all(reader: Reader, names: list[str], images: list[tuple[np.ndarray, ...]],
                failures: list[tuple[str, str]]) -> list[tuple[str, Prediction]]:
     """Predictions in batches; an image that cannot be decoded even alone (the Reader retries
     a failed batch one image at a time) is reported in `failures`, never the batch."""
@@ -183,8 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         from model.attention_plot import attention_figure
 
         backend = reader.backend
-        attention_figure(backend.model, backend.vocab, images[:8], args.attention_figure,
-                         names[:8], max_len=args.max_len, device=backend.device)
+        chosen = {name: images[names.index(name)][p.reading] for name, p in decoded[:8]}
+        attention_figure(backend.model, backend.vocab, list(chosen.values()), args.attention_figure,
+                         list(chosen), max_len=args.max_len, device=backend.device)
     results = []
     for name, pred in decoded:
         r = {"name": name, "predict": pred.latex, "score": round(pred.score, 4),

@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 from bench import robustness  # noqa: E402
 from data.render import RenderError  # noqa: E402
 from data.vocab import Vocab  # noqa: E402
+from im2latex.api import Reader, TorchBackend  # noqa: E402
 from im2latex.confidence import (  # noqa: E402
     Calibration,
     Curve,
@@ -61,7 +62,6 @@ from model.checkpoint import (  # noqa: E402
     model_from_checkpoint,
 )
 from model.im2latex import Im2Latex  # noqa: E402
-from model.predict import predict  # noqa: E402
 
 CONDITIONS = ["clean", "screenshot", "style:times", robustness.VAL_IMAGES]
 FEATURES = ["mean_logprob", "min_logprob", "sum_logprob", "neg_length"]
@@ -148,13 +148,15 @@ def token_logprobs(model: Im2Latex, vocab: Vocab, images: list[np.ndarray],
 
 def read_all(rows: list[robustness.Row], model: Im2Latex, vocab: Vocab, beam_size: int,
              args: argparse.Namespace) -> Readings:
-    """Decode every usable image of every row with one decoder and collect its features."""
+    """Decode every usable image of every row with one decoder, as im2latex.Reader does (an
+    image with two readings gives the one the Reader keeps), and collect its features."""
     kept = [(row.name, img, ref) for row in rows for img, ref in zip(row.images, row.refs)
             if img is not None]
-    images = [img for _, img, _ in kept]
+    reader = Reader(backend=TorchBackend(model, vocab), beam_size=beam_size,
+                    max_len=args.max_len, batch_size=args.batch_size)
     t0 = time.perf_counter()
-    preds = predict(model, vocab, images, beam_size=beam_size, max_len=args.max_len,
-                    batch_size=args.batch_size)
+    preds = reader.decode([img for _, img, _ in kept])
+    images = [img[p.reading] for (_, img, _), p in zip(kept, preds)]  # the reading kept
     print(f"# beam {beam_size}: {len(images)} images decoded in {time.perf_counter() - t0:.0f} s",
           flush=True)
     per_token = token_logprobs(model, vocab, images, [p.latex for p in preds], args.max_len)

@@ -38,15 +38,15 @@ sys.path.insert(0, str(ROOT))
 
 from data.conditions import CONDITIONS  # noqa: E402
 from data.files import atomic_write  # noqa: E402
-from data.image import ImageError, read_user_image  # noqa: E402
+from data.image import ImageError, read_user_readings  # noqa: E402
 from data.layout import read_lines, read_matching  # noqa: E402
 from data.metrics import text_scores  # noqa: E402
 from data.normalize import detokenize  # noqa: E402
 from data.render import RenderError, RenderOptions, render_formulas  # noqa: E402
 from data.styles import DEFAULT_STYLE, STYLES  # noqa: E402
+from im2latex.api import Prediction, Reader  # noqa: E402
 from im2latex.decoding import MAX_LEN  # noqa: E402
-from model.checkpoint import DEFAULT_MODEL, load_model  # noqa: E402
-from model.predict import predict  # noqa: E402
+from model.checkpoint import DEFAULT_MODEL  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "im2latex100k"
 VAL_IMAGES = "val_images"
@@ -60,7 +60,7 @@ class Row:
 
     name: str
     description: str
-    images: list[np.ndarray | None] = field(default_factory=list)
+    images: list[tuple[np.ndarray, ...] | None] = field(default_factory=list)  # readings
     refs: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -138,11 +138,11 @@ def read_formulas(args: argparse.Namespace) -> list[str]:
     return formulas
 
 
-def user_input(data: bytes, name: str, normalize: bool = True) -> np.ndarray | None:
-    """An image file as inference.py reads it; None where normalization (or, fed as it is, the
-    largest bucket) refuses it."""
+def user_input(data: bytes, name: str, normalize: bool = True) -> tuple[np.ndarray, ...] | None:
+    """An image file as inference.py reads it (its readings); None where normalization (or, fed
+    as it is, the largest bucket) refuses it."""
     try:
-        return read_user_image(data, name, normalize=normalize)
+        return read_user_readings(data, name, normalize=normalize)
     except ImageError:
         return None
 
@@ -206,39 +206,43 @@ def save_example(folder: Path | None, name: str, i: int, data: bytes) -> None:
     (folder / f"{name.replace(':', '_')}_{i}{suffix}").write_bytes(data)
 
 
-def decode(rows: list[Row], args: argparse.Namespace) -> list[list[str]]:
-    """Predictions of every row, decoded in one pass so that images of one size share batches
-    across rows; refused images predict the empty string."""
-    model, vocab = load_model(args.model_path, device=args.device)
+def decode(rows: list[Row], args: argparse.Namespace) -> list[list[Prediction | None]]:
+    """Predictions of every row through im2latex.Reader (as inference.py decodes), in one pass
+    so that images of one size share batches across rows; None for refused images."""
+    reader = Reader(args.model_path, beam_size=args.beam_size, device=args.device,
+                    batch_size=args.batch_size, max_len=args.max_len)
     flat = [img for row in rows for img in row.images if img is not None]
-    bar = tqdm(total=len(flat), desc="decoding", unit="img", disable=args.quiet)
-    preds = iter(predict(model, vocab, flat, beam_size=args.beam_size, max_len=args.max_len,
-                         batch_size=args.batch_size, device=args.device, on_batch=bar.update))
+    bar = tqdm(total=sum(map(len, flat)), desc="decoding", unit="img", disable=args.quiet)
+    preds = iter(reader.decode(flat, on_batch=bar.update))
     bar.close()
-    return [["" if img is None else next(preds).latex for img in row.images] for row in rows]
+    return [[None if img is None else next(preds) for img in row.images] for row in rows]
 
 
-def score(rows: list[Row], hyps: list[list[str]]) -> list[dict]:
+def score(rows: list[Row], preds: list[list[Prediction | None]]) -> list[dict]:
+    """One table row per condition; a refused image scores as the empty reading. `second`:
+    the images read from their second reading (an ambiguous glyph scale, im2latex.api)."""
     table = []
-    for row, h in zip(rows, hyps):
+    for row, p in zip(rows, preds):
+        h = ["" if x is None else x.latex for x in p]
         s = text_scores(row.refs, h) if row.refs else {"bleu4": 0.0, "exact_match": 0.0,
                                                        "edit_distance": 0.0}
         table.append({"condition": row.name, "description": row.description,
                       "images": len(row.refs), "refused": sum(i is None for i in row.images),
+                      "second": sum(x is not None and x.reading > 0 for x in p),
                       "bleu4": round(s["bleu4"], 2), "exact_match": round(s["exact_match"], 2),
                       "edit_distance": round(s["edit_distance"], 2), "notes": row.notes})
     return table
 
 
 def format_table(table: list[dict]) -> str:
-    lines = [f"{'condition':<16} {'images':>6} {'refused':>7} {'BLEU-4':>7} {'exact %':>7}"
-             "  description"]
+    lines = [f"{'condition':<16} {'images':>6} {'refused':>7} {'second':>6} {'BLEU-4':>7} "
+             f"{'exact %':>7}  description"]
     for r in table:
-        lines.append(f"{r['condition']:<16} {r['images']:>6} {r['refused']:>7} "
+        lines.append(f"{r['condition']:<16} {r['images']:>6} {r['refused']:>7} {r['second']:>6} "
                      f"{r['bleu4']:>7.2f} {r['exact_match']:>7.2f}  {r['description']}")
         lines += [f"{'':<16} note: {n}" for n in r["notes"]]
     if table:
-        lines.append(f"{'mean':<16} {'':>6} {'':>7} {mean_bleu(table):>7.2f} {'':>7}  "
+        lines.append(f"{'mean':<16} {'':>6} {'':>7} {'':>6} {mean_bleu(table):>7.2f} {'':>7}  "
                      f"unweighted mean of the {len(table)} rows' BLEU-4")
     return "\n".join(lines)
 

@@ -14,6 +14,7 @@ with it so that user images look like training images.
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -422,6 +423,16 @@ def read_user_image(src: ImageSource, name: str | None = None, normalize: bool =
     return model_input(normalize_user_image(img) if normalize else img)
 
 
+def read_user_readings(src: ImageSource, name: str | None = None, normalize: bool = True
+                       ) -> tuple[np.ndarray, ...]:
+    """read_user_image's model input, then, where the glyph scale is ambiguous, a second
+    reading of the image at the training scale (normalized_readings) for the decoder to judge:
+    what inference, evaluation, the web page and the benchmarks decode (im2latex.api.Reader
+    keeps the second only when the model reads it much more surely)."""
+    img = load_image(src, name)
+    return tuple(model_input(x) for x in (normalized_readings(img) if normalize else (img,)))
+
+
 def model_input(img: np.ndarray) -> np.ndarray:
     """A normalized image as the model takes it: in its bucket, at least the encoder's minimum.
 
@@ -476,6 +487,37 @@ def _ink_levels(img: np.ndarray, ink: np.ndarray) -> tuple[float, float]:
     return paper, float(np.percentile(img[ink], 5))
 
 
+@dataclass(frozen=True)
+class _Reading:
+    """One reading of a user image's glyph scale: the analysis-size image, the ink mask that
+    was read, its component and glyph boxes, the scale they give, and whether the image is
+    hard-edged (which sends even a training-scale image through the resample path)."""
+
+    img: np.ndarray
+    ink: np.ndarray
+    all_boxes: np.ndarray
+    boxes: np.ndarray
+    scale: float
+    hard: bool
+
+
+def _read_scale(img: np.ndarray) -> _Reading:
+    """Otsu's mask and its scale; for an image that mask calls larger than the training scale,
+    the halo-free second opinion of _without_halo."""
+    img, ink, all_boxes, boxes = analyse(img)
+    scale = estimate_scale(boxes)
+    has_paper = bool((~ink).any())  # else there are no edges to judge
+    levels = _ink_levels(img, ink)
+    hard = has_paper and _hard_edged(img, ink, levels)
+    if scale > TRAINING_SCALE_RANGE[1] and has_paper and (sharp := _without_halo(img, levels)):
+        ink, all_boxes, boxes, scale = sharp  # a blurred image at the training scale
+    return _Reading(img, ink, all_boxes, boxes, scale, hard)
+
+
+def _in_training_range(scale: float) -> bool:
+    return TRAINING_SCALE_RANGE[0] <= scale <= TRAINING_SCALE_RANGE[1]
+
+
 def _without_halo(img: np.ndarray, levels: tuple[float, float]
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float] | None:
     """(ink mask, component boxes, glyph boxes, scale) of a blurred image at the training scale,
@@ -488,17 +530,48 @@ def _without_halo(img: np.ndarray, levels: tuple[float, float]
     At the midpoint a blurred edge sits where the sharp edge was. It is only a second opinion
     for images Otsu calls larger than the training scale: on thin anti-aliased strokes the
     midpoint breaks glyphs into pieces and calls them smaller (docs/training.md, stage 3)."""
-    mid = img < sum(levels) / 2
-    if not mid.any():
+    found = _scale_under(img < sum(levels) / 2)
+    return found if found is not None and _in_training_range(found[3]) else None
+
+
+def _scale_under(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, float] | None:
+    """(mask, component boxes, glyph boxes, scale) of another ink mask; None where it has no
+    ink or the component analysis refuses it (a second opinion never refuses an image that
+    the first accepted)."""
+    if not mask.any():
         return None
     try:
-        all_boxes = bounded_component_boxes(mid)
+        all_boxes = bounded_component_boxes(mask)
         glyphs = _glyph_boxes(all_boxes)
-    except ImageError:  # a second opinion never refuses what the first accepted
+    except ImageError:
         return None
-    scale = estimate_scale(glyphs)
-    low, high = TRAINING_SCALE_RANGE
-    return (mid, all_boxes, glyphs, scale) if low <= scale <= high else None
+    return mask, all_boxes, glyphs, estimate_scale(glyphs)
+
+
+# Where the unbroken mask cuts, as a share of the way from ink to paper: light enough to keep
+# the faint anti-aliased pixels that join a thin stroke (docs/training.md, stage 4 of v2).
+_UNBROKEN_LEVEL = 0.8
+
+
+def _unbroken(first: _Reading) -> _Reading | None:
+    """The image read at the training scale where Otsu calls it smaller but a mask near the
+    paper level calls it training scale; None otherwise.
+
+    A render anti-aliased at the training resolution (a screen's math at 100 dpi) has strokes
+    about a pixel wide, partly gray: Otsu's mask breaks its glyphs into pieces, reads them as
+    small letters, and the image was enlarged 1.5-4x and read as garbage. A mask near the paper
+    joins the pieces. But a genuinely small image (a 0.6x screenshot) has merged gray glyphs
+    that the same mask also calls training scale, and nothing in the pixels tells the two
+    apart: so this is an alternative for the model to judge (im2latex.api's Reader keeps it
+    only when the model reads it much more surely), never a replacement."""
+    if first.scale >= TRAINING_SCALE_RANGE[0] or first.ink.all():
+        return None
+    paper, dark = _ink_levels(first.img, first.ink)
+    found = _scale_under(first.img < dark + _UNBROKEN_LEVEL * (paper - dark))
+    if found is None or not _in_training_range(found[3]):
+        return None
+    ink, all_boxes, boxes, scale = found
+    return _Reading(first.img, ink, all_boxes, boxes, scale, first.hard)
 
 
 def _hard_edged(img: np.ndarray, ink: np.ndarray, levels: tuple[float, float]) -> bool:
@@ -528,25 +601,33 @@ def normalize_user_image(
     the scale is capped and the result always fits the largest bucket and the encoder's
     minimum size. ImageError for anything that cannot be read within these bounds.
     """
-    img, ink, all_boxes, boxes = analyse(img)
-    scale = estimate_scale(boxes)
-    has_paper = bool((~ink).any())  # else there are no edges to judge
-    levels = _ink_levels(img, ink)
-    hard = has_paper and _hard_edged(img, ink, levels)
-    if scale > TRAINING_SCALE_RANGE[1] and has_paper and (sharp := _without_halo(img, levels)):
-        ink, all_boxes, boxes, scale = sharp  # a blurred image at the training scale
-    size_px = glyph_size(boxes)
-    top, left, bottom, right = _formula_extent(all_boxes, boxes, reach=1.5 * size_px)
-    crop, ink = img[top:bottom, left:right], ink[top:bottom, left:right]
+    return _normalized(_read_scale(img), bucket, pad_px, factor, coverage)
+
+
+def normalized_readings(img: np.ndarray, bucket: bool = False) -> tuple[np.ndarray, ...]:
+    """normalize_user_image's result, then, where the glyph scale is ambiguous (_unbroken),
+    the image read at the training scale: one or two images for the model to judge."""
+    first = _read_scale(img)
+    second = _unbroken(first)
+    readings = [first] if second is None else [first, second]
+    return tuple(_normalized(r, bucket) for r in readings)
+
+
+def _normalized(r: _Reading, bucket: bool = False, pad_px: int = 8, factor: int = 2,
+                coverage: float = 0.5) -> np.ndarray:
+    """The image of one reading, finished as normalize_user_image describes."""
+    size_px = glyph_size(r.boxes)
+    top, left, bottom, right = _formula_extent(r.all_boxes, r.boxes, reach=1.5 * size_px)
+    crop, ink = r.img[top:bottom, left:right], r.ink[top:bottom, left:right]
     paper, dark = _ink_levels(crop, ink)
-    if TRAINING_SCALE_RANGE[0] <= scale <= TRAINING_SCALE_RANGE[1] and not hard:
+    if _in_training_range(r.scale) and not r.hard:
         # Already at the training scale: only stretch paper to white and ink to black. The
         # resample-and-threshold round trip below moves edges by a pixel, and on renders that
         # cost the reference model 12 BLEU points. A hard-edged image takes the round trip
         # all the same: its halving gives it the soft edges the model knows (the 100-dpi
         # robustness row: docs/training.md, stage 3 of v2).
         edge = 4  # the Otsu mask leaves out the lightest anti-aliased edge pixels
-        region = img[max(0, top - edge):bottom + edge, max(0, left - edge):right + edge]
+        region = r.img[max(0, top - edge):bottom + edge, max(0, left - edge):right + edge]
         span = max(paper - dark, 1.0)
         flat = np.clip((region.astype(np.float64) - dark) * (255.0 / span), 0, 255)
         # crop at 250, not 255: a render's LANCZOS halving leaves faint ringing (251-254) in
@@ -554,7 +635,7 @@ def normalize_user_image(
         out = pad(crop_to_ink(np.round(flat).astype(np.uint8), threshold=250), pad_px // factor)
         if _fits_largest_bucket(out):  # else shrunk to fit below, like any other image
             return at_least_min_size(pad_to_bucket(out) if bucket else out)
-    resample = _resample_scale(crop.shape, scale, pad_px, factor)
+    resample = _resample_scale(crop.shape, r.scale, pad_px, factor)
     h, w = crop.shape
     size = (max(1, round(w * resample)), max(1, round(h * resample)))
     big = np.asarray(Image.fromarray(crop).resize(size, Image.Resampling.LANCZOS))

@@ -24,7 +24,7 @@ from typing import Protocol, overload
 import numpy as np
 from PIL import Image
 
-from data.image import ImageError, ImageSource, read_user_image
+from data.image import ImageError, ImageSource, read_user_image, read_user_readings
 from data.spelling import SPELLINGS, respell
 from data.vocab import Vocab
 from im2latex.confidence import Calibration, calibration_path, find_calibration
@@ -41,6 +41,15 @@ BACKENDS = ("torch", "onnx")
 # What a decoder raises on an input it cannot take: torch's out-of-memory is a RuntimeError.
 DECODE_ERRORS = (RuntimeError, ValueError, MemoryError)
 _SOURCES = (str, Path, bytes, Image.Image, np.ndarray)
+# What Reader.decode takes per image: one model input, or the readings of one image
+# (data.image.read_user_readings: its glyph scale was ambiguous), the first the default.
+ModelInput = np.ndarray | tuple[np.ndarray, ...]
+# A later reading replaces the first only when the model reads it this much more surely, in
+# mean log-probability per token: on validation this margin kept every anti-aliased render
+# that the second reading rescues and none of the small screenshots that it would spoil
+# (docs/training.md, stage 4 of v2). Without a margin the model's taste for its favourite
+# scale picks the wrong reading of a genuinely small image about one time in five.
+SECOND_READING_MARGIN = 0.2
 
 
 class Backend(Protocol):
@@ -181,28 +190,58 @@ class Reader:
     def __call__(self, inputs, *, beam_size=None):
         """One image -> its Prediction; a list or tuple of images -> their Predictions."""
         if isinstance(inputs, list | tuple):
-            images = [self.prepare(x, None if isinstance(x, str | Path) else f"input {i}")
+            images = [self.readings(x, None if isinstance(x, str | Path) else f"input {i}")
                       for i, x in enumerate(inputs)]
             return self.decode(images, beam_size=beam_size)
-        return self.decode([self.prepare(inputs)], beam_size=beam_size)[0]
+        return self.decode([self.readings(inputs)], beam_size=beam_size)[0]
 
     def prepare(self, src: ImageSource, name: str | None = None) -> np.ndarray:
         """An image as the model takes it (data.image.read_user_image); ImageError names it."""
-        if not isinstance(src, _SOURCES):
-            raise TypeError(f"cannot read a {type(src).__name__} as an image: pass a path, "
-                            "bytes, a PIL image or a numpy array (several: a list of them)")
+        _check_source(src)
         return read_user_image(src, name, normalize=self.normalize)
 
-    def decode(self, images: Sequence[np.ndarray], *, beam_size: int | None = None,
+    def readings(self, src: ImageSource, name: str | None = None) -> ModelInput:
+        """`prepare`'s model input, or where the glyph scale is ambiguous a tuple of it and the
+        image read at the training scale (data.image.read_user_readings), for `decode` to
+        judge; what `reader(x)`, inference.py and the web page decode."""
+        _check_source(src)
+        return read_user_readings(src, name, normalize=self.normalize)
+
+    def decode(self, images: Sequence[ModelInput], *, beam_size: int | None = None,
                on_batch: Callable[[int], None] | None = None,
                on_error: Callable[[int, Exception], None] | None = None
                ) -> list[Prediction | None]:
-        """Predictions for model inputs (`prepare`), in order, in batches of one image size.
+        """Predictions for model inputs (`prepare`, or `readings`), in order, in batches of one
+        image size. Of an image's readings every one is decoded and the first is kept unless
+        a later one scores SECOND_READING_MARGIN higher.
 
         A batch that fails (out of memory, say) is retried one image at a time, so that only
         an image that cannot be decoded alone is lost: it is passed to `on_error(index, error)`
         and its place holds None; without `on_error` the error is raised. `on_batch(n)` is
-        called after each batch of n images, for progress bars."""
+        called after each batch of n inputs, for progress bars (readings count apiece)."""
+        slots = [(i, k) for i, x in enumerate(images)
+                 for k in range(len(x) if isinstance(x, tuple) else 1)]
+        flat = [r for x in images for r in (x if isinstance(x, tuple) else (x,))]
+        errors: dict[int, Exception] = {}
+        preds = self._decode_flat(flat, beam_size, on_batch,
+                                  lambda j, e: errors.setdefault(slots[j][0], e))
+        found: list[list[tuple[int, Prediction]]] = [[] for _ in images]
+        for (i, k), p in zip(slots, preds):
+            if p is not None:
+                found[i].append((k, p))
+        out: list[Prediction | None] = []
+        for i, got in enumerate(found):
+            if not got and on_error is None:
+                raise errors[i]
+            if not got:
+                on_error(i, errors[i])
+            out.append(_judged(got) if got else None)
+        return out
+
+    def _decode_flat(self, images: Sequence[np.ndarray], beam_size: int | None,
+                     on_batch: Callable[[int], None] | None,
+                     on_error: Callable[[int, Exception], None]) -> list[Prediction | None]:
+        """One prediction per model input, None for those that fail even alone."""
         def run(idx: list[int]) -> list[Prediction]:
             preds = self.backend.predict([images[i] for i in idx], beam_size=beam,
                                          max_len=self.max_len, batch_size=self.batch_size)
@@ -225,6 +264,22 @@ class Reader:
             if on_batch:
                 on_batch(len(chunk))
         return out
+
+
+def _check_source(src: object) -> None:
+    if not isinstance(src, _SOURCES):
+        raise TypeError(f"cannot read a {type(src).__name__} as an image: pass a path, "
+                        "bytes, a PIL image or a numpy array (several: a list of them)")
+
+
+def _judged(found: list[tuple[int, Prediction]]) -> Prediction:
+    """Of (reading index, prediction) pairs, the first that decoded, or the best-scoring later
+    one where it clears that by SECOND_READING_MARGIN; marked with its reading."""
+    (k, pred), rest = found[0], found[1:]
+    best = max(rest, key=lambda kp: kp[1].score, default=None)
+    if best is not None and best[1].score >= pred.score + SECOND_READING_MARGIN:
+        k, pred = best
+    return replace(pred, reading=k)
 
 
 def _one_at_a_time(chunk: list[int], run: Callable[[list[int]], list[Prediction]],

@@ -16,3 +16,6 @@ class Prediction:
     # The measured chance that `latex` is exactly right (im2latex/confidence.py), filled by
     # im2latex.Reader; None where the model has no calibration made for its weights.
     confidence: float | None = None
+    # Which of the image's readings (im2latex.Reader.readings) gave it: 0, the normalized
+    # image; 1, the image read at the training scale after its glyph scale was ambiguous.
+    reading: int = 0

@@ -19,6 +19,7 @@ from PIL import Image
 
 from data.image import ImageError
 from im2latex import Prediction, Reader
+from im2latex.api import SECOND_READING_MARGIN
 from tests.conftest import HAVE_TEX, ROOT, run_script
 
 pytestmark = pytest.mark.skipif(not HAVE_TEX, reason="renders its formulas: needs pdflatex, gs")
@@ -161,6 +162,46 @@ def test_a_failed_batch_is_retried_alone_and_loses_only_what_fails_alone():
     assert backend.calls == [2, 1, 1, 1, 1] and seen == [2, 1, 1]  # failed pair retried alone
     with pytest.raises(RuntimeError, match="out of memory"):
         reader.decode(images)  # without on_error, an image that fails alone raises
+
+
+class ScoredBackend:
+    """Reads each image as its width, as surely as its top-left pixel says (score -pixel/100);
+    fails any image `fail_width` wide."""
+
+    vocab = None
+
+    def __init__(self, fail_width: int = -1) -> None:
+        self.fail_width = fail_width
+
+    def predict(self, images, *, beam_size, max_len, batch_size):
+        if any(img.shape[1] == self.fail_width for img in images):
+            raise RuntimeError("out of memory")
+        return [Prediction(str(img.shape[1]), -float(img[0, 0]) / 100) for img in images]
+
+
+def scored(width: int, score: float) -> np.ndarray:
+    img = np.full((40, width), 255, np.uint8)
+    img[0, 0] = round(-score * 100)
+    return img
+
+
+def test_a_second_reading_is_kept_only_when_the_model_reads_it_much_more_surely():
+    reader = Reader(backend=ScoredBackend(), batch_size=4)
+    clear = (scored(120, -0.6), scored(160, -0.6 + SECOND_READING_MARGIN + 0.05))
+    close = (scored(120, -0.6), scored(160, -0.6 + SECOND_READING_MARGIN - 0.05))
+    preds = reader.decode([clear, close, scored(200, -0.1), (scored(240, -0.3),)])
+    assert [(p.latex, p.reading) for p in preds] == [("160", 1), ("120", 0), ("200", 0),
+                                                      ("240", 0)]
+    assert preds[0].score == pytest.approx(-0.35)  # the kept reading's own score
+
+
+def test_a_reading_that_fails_leaves_the_other_and_only_an_image_without_any_is_lost():
+    reader = Reader(backend=ScoredBackend(fail_width=120), batch_size=1)
+    lost = []
+    preds = reader.decode([(scored(120, -0.1), scored(160, -0.9)), (scored(120, -0.1),)],
+                          on_error=lambda i, e: lost.append(i))
+    assert (preds[0].latex, preds[0].reading) == ("160", 1) and preds[1] is None
+    assert lost == [1]
 
 
 def test_the_readme_example_runs(reader, pngs, tmp_path):

@@ -333,3 +333,21 @@ def test_a_hard_edged_image_at_the_training_scale_gets_the_renders_soft_edges():
         gray = ((out > 40) & (out < 215)).sum() / (out < 128).sum()
         assert gray > 0.1
         assert abs(np.log(out.shape[1] / normalize_user_image(render).shape[1])) < np.log(1.1)
+
+
+@pytest.mark.skipif(not HAVE_TEX, reason="needs pdflatex and gs")
+def test_an_anti_aliased_render_gets_a_second_reading_at_the_training_scale():
+    """Otsu's mask breaks the thin gray strokes of a render anti-aliased at the training
+    resolution into small pieces, and normalization enlarged it ~3x; the second reading, from
+    a mask near the paper, keeps it at its size. A render in the training look has one."""
+    from data.image import normalized_readings
+    from data.render import RenderOptions, render_formulas
+
+    formula = r"R:\alpha^{\prime}M^{2}=-1,0,1,2,3,..........."
+    aa, = render_formulas([formula], RenderOptions(style="cm-aa"))
+    first, second = normalized_readings(aa)
+    assert np.array_equal(first, normalize_user_image(aa))
+    assert first.shape[1] > 1.5 * aa.shape[1]  # Otsu's reading: enlarged
+    assert abs(np.log(second.shape[1] / aa.shape[1])) < np.log(1.1)
+    clean, = render_formulas([formula])
+    assert len(normalized_readings(clean)) == 1

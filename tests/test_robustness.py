@@ -108,8 +108,8 @@ def test_no_normalize_feeds_each_image_as_it_is():
     """The diagnostic table: an enlarged screenshot reaches the model enlarged, not brought to
     the training scale; the default path still normalizes it."""
     data = CONDITIONS["screenshot"].make(formula_like(), np.random.default_rng(0))
-    raw = robustness.user_input(data, "s", normalize=False)
-    normalized = robustness.user_input(data, "s")
+    raw, = robustness.user_input(data, "s", normalize=False)  # one reading: as it is
+    normalized = robustness.user_input(data, "s")[0]
     assert raw.shape[1] > 1.4 * normalized.shape[1]  # x1.6 and margins, left so
     assert robustness.get_args(["--no_normalize"]).normalize is False
     assert robustness.get_args([]).normalize is True
