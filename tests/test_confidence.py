@@ -208,3 +208,24 @@ def test_reader_applies_only_a_calibration_made_for_its_weights(tmp_path):
     assert "measured on other weights" in reader.calibration_note
     assert "\n" not in reader.calibration_note  # one line, for a script's stderr
     assert [(p.latex, p.score) for p in refused] == [(p.latex, p.score) for p in preds]
+
+
+def test_the_rows_are_read_as_users_files_with_their_readings(tmp_path):
+    """The calibration reads what Reader decodes: normalized readings of each file (a robustness
+    option confidence.py does not expose must still be set for the row builders)."""
+    from PIL import Image
+
+    from tests.test_robustness import formula_like
+
+    images = tmp_path / "val_images"
+    images.mkdir()
+    for i in range(2):
+        Image.fromarray(formula_like(i)).save(images / f"{i}.png")
+    (tmp_path / "match.txt").write_text("0.png 0\n1.png 1\n")
+    (tmp_path / "formulas.txt").write_text("x ^ { 2 }\na + b\n")
+    args = bench.get_args(["--conditions", "val_images", "--n", "2", "--val_images",
+                           str(images), "--val_matching", str(tmp_path / "match.txt"),
+                           "--val_formulas", str(tmp_path / "formulas.txt")])
+    row, = bench.build_rows(args)
+    assert len(row.images) == 2 and all(isinstance(r, tuple) and r[0].ndim == 2
+                                        for r in row.images)
