@@ -94,7 +94,6 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--beam_sizes: one greedy (1) and one beam search size at most")
     # what bench/robustness.py's row builders read: validation formulas only
     args.split, args.formulas, args.examples, args.device = "val", None, None, "cpu"
-    args.normalize = True  # calibrated on what users' files give
     args.calibration = args.calibration or calibration_path(args.model_path)
     return args
 

@@ -181,7 +181,7 @@ def rendered_rows(names: list[str], formulas: list[str], seed: int, quiet: bool,
     return rows
 
 
-def val_images_row(args: argparse.Namespace) -> Row:
+def val_images_row(args: argparse.Namespace, normalize: bool = True) -> Row:
     """The other pipeline's images of the first N validation formulas, read as user files."""
     for f in (args.val_images, args.val_matching, args.val_formulas):
         if not f.exists():
@@ -193,7 +193,7 @@ def val_images_row(args: argparse.Namespace) -> Row:
     for i, e in enumerate(entries[:args.n]):
         data = Path(e.image).read_bytes()
         save_example(args.examples, VAL_IMAGES, i, data)
-        row.images.append(user_input(data, str(e.image), args.normalize))
+        row.images.append(user_input(data, str(e.image), normalize))
         row.refs.append(e.formula)
     return row
 
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = rendered_rows(rendered, formulas, args.seed, args.quiet, args.examples,
                              args.normalize)
         if VAL_IMAGES in names:
-            rows.append(val_images_row(args))
+            rows.append(val_images_row(args, args.normalize))
     except (ValueError, RenderError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

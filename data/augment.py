@@ -88,10 +88,7 @@ def low_res(img: np.ndarray, rng: np.random.Generator, s: float) -> np.ndarray:
     leaves: the low-resolution and 100-dpi robustness rows lagged clean renders by 12-19 BLEU
     while ``scale`` alone reaches only 0.7x. Off unless Augmenter's ``low_res`` asks for it."""
     factor = math.exp(rng.uniform(math.log(min(0.85, 1 - 0.4 * s)), math.log(0.85)))
-    resample = _SHRINK_FILTERS[int(rng.integers(len(_SHRINK_FILTERS)))]
-    h, w = img.shape
-    size = (max(1, round(w * factor)), max(1, round(h * factor)))
-    return np.asarray(_pil(img).resize(size, resample))
+    return degrade.rescale(img, factor, _SHRINK_FILTERS[int(rng.integers(len(_SHRINK_FILTERS)))])
 
 
 def stroke(img: np.ndarray, rng: np.random.Generator, s: float) -> np.ndarray:

@@ -31,11 +31,13 @@ def jpeg(img: np.ndarray, quality: int) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(encode(img, "JPEG", quality))).convert("L"))
 
 
-def rescale(img: np.ndarray, factor: float) -> np.ndarray:
-    """Resized by ``factor`` with LANCZOS (what browsers and screenshot tools approximate)."""
+def rescale(img: np.ndarray, factor: float,
+            resample: Image.Resampling = Image.Resampling.LANCZOS) -> np.ndarray:
+    """Resized by ``factor``, with LANCZOS by default (what browsers and screenshot tools
+    approximate)."""
     h, w = img.shape
     size = (max(1, round(w * factor)), max(1, round(h * factor)))
-    return np.asarray(Image.fromarray(img).resize(size, Image.Resampling.LANCZOS))
+    return np.asarray(Image.fromarray(img).resize(size, resample))
 
 
 def uneven_margins(img: np.ndarray, rng: Rng, low: int = 4, high: int = 60) -> np.ndarray:

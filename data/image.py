@@ -490,8 +490,9 @@ def _ink_levels(img: np.ndarray, ink: np.ndarray) -> tuple[float, float]:
 @dataclass(frozen=True)
 class _Reading:
     """One reading of a user image's glyph scale: the analysis-size image, the ink mask that
-    was read, its component and glyph boxes, the scale they give, and whether the image is
-    hard-edged (which sends even a training-scale image through the resample path)."""
+    was read, its component and glyph boxes, the scale they give, whether the image is
+    hard-edged (which sends even a training-scale image through the resample path), and the
+    (paper, ink) levels under Otsu's mask."""
 
     img: np.ndarray
     ink: np.ndarray
@@ -499,6 +500,7 @@ class _Reading:
     boxes: np.ndarray
     scale: float
     hard: bool
+    levels: tuple[float, float]
 
 
 def _read_scale(img: np.ndarray) -> _Reading:
@@ -511,7 +513,7 @@ def _read_scale(img: np.ndarray) -> _Reading:
     hard = has_paper and _hard_edged(img, ink, levels)
     if scale > TRAINING_SCALE_RANGE[1] and has_paper and (sharp := _without_halo(img, levels)):
         ink, all_boxes, boxes, scale = sharp  # a blurred image at the training scale
-    return _Reading(img, ink, all_boxes, boxes, scale, hard)
+    return _Reading(img, ink, all_boxes, boxes, scale, hard, levels)
 
 
 def _in_training_range(scale: float) -> bool:
@@ -566,12 +568,12 @@ def _unbroken(first: _Reading) -> _Reading | None:
     only when the model reads it much more surely), never a replacement."""
     if first.scale >= TRAINING_SCALE_RANGE[0] or first.ink.all():
         return None
-    paper, dark = _ink_levels(first.img, first.ink)
+    paper, dark = first.levels
     found = _scale_under(first.img < dark + _UNBROKEN_LEVEL * (paper - dark))
     if found is None or not _in_training_range(found[3]):
         return None
     ink, all_boxes, boxes, scale = found
-    return _Reading(first.img, ink, all_boxes, boxes, scale, first.hard)
+    return _Reading(first.img, ink, all_boxes, boxes, scale, first.hard, first.levels)
 
 
 def _hard_edged(img: np.ndarray, ink: np.ndarray, levels: tuple[float, float]) -> bool:
