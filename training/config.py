@@ -251,7 +251,9 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     required = p.add_argument_group("run")
     for f in train_fields[:2]:
         _add(required, f)
-    model = p.add_argument_group("model (a new run; resume and --init_from take the saved one)")
+    model = p.add_argument_group(
+        "model (a new run; resume takes the saved one; --init_from too, grown to a larger "
+        "--dec_rnn_h, --emb_dim or --cnn_widths where given: model/widen.py)")
     for f in fields(ModelConfig):
         if f.name in MODEL_OPTIONS:
             _add(model, f)

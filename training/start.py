@@ -22,8 +22,9 @@ from model.batch_norm import to_global_batch_norm
 from model.checkpoint import BEST, LAST, load_checkpoint, model_from_checkpoint
 from model.im2latex import Im2Latex
 from model.selection import Selection
+from model.widen import WidenError, widen
 from training import RunError
-from training.config import TrainConfig
+from training.config import MODEL_OPTIONS, TrainConfig
 from training.distributed import Dist
 from training.log import CURVES, LOG
 from training.schedule import FIXED_PER_STEP, Schedule
@@ -43,7 +44,7 @@ class Start:
 
 
 def start_run(cfg: TrainConfig, given: frozenset[str], d: Dist) -> Start:
-    return resume_run(cfg, given, d) if cfg.resume else new_run(cfg, d)
+    return resume_run(cfg, given, d) if cfg.resume else new_run(cfg, given, d)
 
 
 def resume_run(cfg: TrainConfig, given: frozenset[str], d: Dist) -> Start:
@@ -71,9 +72,9 @@ def resume_run(cfg: TrainConfig, given: frozenset[str], d: Dist) -> Start:
     return Start(cfg, model, vocab, ckpt, changed)
 
 
-def new_run(cfg: TrainConfig, d: Dist) -> Start:
-    """A new model of --emb_dim etc., or the --init_from one, in a --save_dir without a run
-    (or with one to be replaced: --overwrite)."""
+def new_run(cfg: TrainConfig, given: frozenset[str], d: Dist) -> Start:
+    """A new model of --emb_dim etc., or the --init_from one (grown where sizes are given), in a
+    --save_dir without a run (or with one to be replaced: --overwrite)."""
     if (cfg.save_dir / LAST).is_file() and not cfg.overwrite:
         raise RunError(f"{cfg.save_dir} already holds a run ({LAST}); continue it with "
                        "--from_check_point, or pass --overwrite to start over")
@@ -82,17 +83,30 @@ def new_run(cfg: TrainConfig, d: Dist) -> Start:
             (cfg.save_dir / name).unlink(missing_ok=True)
     data_vocab = Vocab.load(cfg.data_path / "vocab.json")
     if cfg.init_from:
-        model, vocab = init_from(cfg.init_from, data_vocab, d)
+        sizes = {name: getattr(cfg.model, name) for name in MODEL_OPTIONS if name in given}
+        model, vocab = init_from(cfg.init_from, data_vocab, d, sizes, cfg.seed)
     else:
         vocab = data_vocab
         model = Im2Latex(replace(cfg.model, vocab_size=len(vocab)))
     return Start(cfg, model, vocab)
 
 
-def init_from(path: str, data_vocab: Vocab, d: Dist) -> tuple[Im2Latex, Vocab]:
-    """Weights of a trained model for a new run; tokens the new data has and the model lacks are
-    appended to its vocabulary, so their rows are new and every trained row keeps its id."""
+def init_from(path: str, data_vocab: Vocab, d: Dist, sizes: dict[str, Any] | None = None,
+              seed: int = 0) -> tuple[Im2Latex, Vocab]:
+    """Weights of a trained model for a new run. Model options given with them (`sizes`) grow
+    it wider, computing the same function (model/widen.py), or set its dropout. Tokens the new
+    data has and the model lacks are appended to its vocabulary, so their rows are new and every
+    trained row keeps its id."""
     model, vocab = model_from_checkpoint(load_checkpoint(path), source=path)
+    wanted = replace(model.cfg, **(sizes or {}))
+    if wanted != model.cfg:
+        before = sum(p.numel() for p in model.parameters())
+        try:
+            model = widen(model, wanted, seed)
+        except WidenError as e:
+            raise RunError(f"--init_from {path}: {e}") from None
+        after = sum(p.numel() for p in model.parameters())
+        d.log(f"init_from: the model grown from {before:,} to {after:,} parameters")
     extended = vocab.extended(data_vocab.tokens)
     if len(extended) > len(vocab):
         d.log(f"init_from: vocabulary extended by {len(extended) - len(vocab)} tokens "
