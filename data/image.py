@@ -426,7 +426,7 @@ def read_user_image(src: ImageSource, name: str | None = None, normalize: bool =
 def read_user_readings(src: ImageSource, name: str | None = None, normalize: bool = True
                        ) -> tuple[np.ndarray, ...]:
     """read_user_image's model input, then, where the glyph scale is ambiguous, a second
-    reading of the image at the training scale (normalized_readings) for the decoder to judge:
+    reading of the image at the other scale (normalized_readings) for the decoder to judge:
     what inference, evaluation, the web page and the benchmarks decode (im2latex.api.Reader
     keeps the second only when the model reads it much more surely)."""
     img = load_image(src, name)
@@ -576,6 +576,25 @@ def _unbroken(first: _Reading) -> _Reading | None:
     return _Reading(first.img, ink, all_boxes, boxes, scale, first.hard, first.levels)
 
 
+def _separated(first: _Reading) -> _Reading | None:
+    """The image read smaller where Otsu calls it training scale but the midpoint mask (as
+    _without_halo's) calls it smaller; None otherwise.
+
+    The mirror of _unbroken. A genuinely small image (a 0.6x screenshot) has gray gaps between
+    close glyphs; Otsu's threshold, near the paper, counts them as ink and merges the glyphs
+    into larger boxes, so about one in nine such images was estimated at 0.84-0.95x and read
+    small. The midpoint mask separates them. It also breaks the thin gray strokes of a render
+    anti-aliased at the training scale and calls that small, so this too is an alternative for
+    the model to judge, never a replacement (docs/training.md, stage 5 of v2)."""
+    if not _in_training_range(first.scale) or first.ink.all():
+        return None
+    found = _scale_under(first.img < sum(first.levels) / 2)
+    if found is None or found[3] >= TRAINING_SCALE_RANGE[0]:
+        return None
+    ink, all_boxes, boxes, scale = found
+    return _Reading(first.img, ink, all_boxes, boxes, scale, first.hard, first.levels)
+
+
 def _hard_edged(img: np.ndarray, ink: np.ndarray, levels: tuple[float, float]) -> bool:
     """Is the image binary, without the soft edges of every training render (rendered at
     twice the scale and LANCZOS-halved)? A 100-dpi render or a thresholded scan is: fewer
@@ -607,10 +626,11 @@ def normalize_user_image(
 
 
 def normalized_readings(img: np.ndarray, bucket: bool = False) -> tuple[np.ndarray, ...]:
-    """normalize_user_image's result, then, where the glyph scale is ambiguous (_unbroken),
-    the image read at the training scale: one or two images for the model to judge."""
+    """normalize_user_image's result, then, where the glyph scale is ambiguous, the image read
+    at the other scale: larger where Otsu calls it small (_unbroken), smaller where Otsu calls
+    it training scale (_separated). One or two images for the model to judge."""
     first = _read_scale(img)
-    second = _unbroken(first)
+    second = _unbroken(first) or _separated(first)
     readings = [first] if second is None else [first, second]
     return tuple(_normalized(r, bucket) for r in readings)
 

@@ -351,3 +351,22 @@ def test_an_anti_aliased_render_gets_a_second_reading_at_the_training_scale():
     assert abs(np.log(second.shape[1] / aa.shape[1])) < np.log(1.1)
     clean, = render_formulas([formula])
     assert len(normalized_readings(clean)) == 1
+
+
+@pytest.mark.skipif(not HAVE_TEX, reason="needs pdflatex and gs")
+def test_a_small_image_whose_glyphs_merge_gets_a_second_reading_enlarged():
+    """Shrunk to 0.6x, close glyphs share gray pixels that Otsu's mask counts as ink: the
+    merged boxes look training-size and the image was passed through small. The midpoint mask
+    separates them, and the second reading is enlarged to about the render's size. The render
+    itself has one reading."""
+    from data.degrade import rescale
+    from data.image import normalized_readings
+    from data.render import render_formulas
+
+    render, = render_formulas([r"g_{ij}=\bar{g}_{ij}+h_{ij},"])
+    small = rescale(render, 0.6)
+    first, second = normalized_readings(small)
+    assert np.array_equal(first, normalize_user_image(small))
+    assert first.shape[1] < 0.75 * render.shape[1]  # Otsu's reading: left small
+    assert abs(np.log(second.shape[1] / render.shape[1])) < np.log(1.3)
+    assert len(normalized_readings(render)) == 1
