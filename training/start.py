@@ -106,7 +106,8 @@ def init_from(path: str, data_vocab: Vocab, d: Dist, sizes: dict[str, Any] | Non
         except WidenError as e:
             raise RunError(f"--init_from {path}: {e}") from None
         after = sum(p.numel() for p in model.parameters())
-        d.log(f"init_from: the model grown from {before:,} to {after:,} parameters")
+        if after != before:  # else only the dropout changed
+            d.log(f"init_from: the model grown from {before:,} to {after:,} parameters")
     extended = vocab.extended(data_vocab.tokens)
     if len(extended) > len(vocab):
         d.log(f"init_from: vocabulary extended by {len(extended) - len(vocab)} tokens "
