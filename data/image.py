@@ -14,7 +14,7 @@ with it so that user images look like training images.
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -569,11 +569,8 @@ def _unbroken(first: _Reading) -> _Reading | None:
     if first.scale >= TRAINING_SCALE_RANGE[0] or first.ink.all():
         return None
     paper, dark = first.levels
-    found = _scale_under(first.img < dark + _UNBROKEN_LEVEL * (paper - dark))
-    if found is None or not _in_training_range(found[3]):
-        return None
-    ink, all_boxes, boxes, scale = found
-    return _Reading(first.img, ink, all_boxes, boxes, scale, first.hard, first.levels)
+    other = _read_under(first, first.img < dark + _UNBROKEN_LEVEL * (paper - dark))
+    return other if other is not None and _in_training_range(other.scale) else None
 
 
 def _separated(first: _Reading) -> _Reading | None:
@@ -588,11 +585,18 @@ def _separated(first: _Reading) -> _Reading | None:
     the model to judge, never a replacement (docs/training.md, stage 5 of v2)."""
     if not _in_training_range(first.scale) or first.ink.all():
         return None
-    found = _scale_under(first.img < sum(first.levels) / 2)
-    if found is None or found[3] >= TRAINING_SCALE_RANGE[0]:
+    other = _read_under(first, first.img < sum(first.levels) / 2)
+    return other if other is not None and other.scale < TRAINING_SCALE_RANGE[0] else None
+
+
+def _read_under(first: _Reading, mask: np.ndarray) -> _Reading | None:
+    """The first reading's image read under another ink mask (its levels and edges kept);
+    None where that mask has no ink or the component analysis refuses it."""
+    found = _scale_under(mask)
+    if found is None:
         return None
     ink, all_boxes, boxes, scale = found
-    return _Reading(first.img, ink, all_boxes, boxes, scale, first.hard, first.levels)
+    return replace(first, ink=ink, all_boxes=all_boxes, boxes=boxes, scale=scale)
 
 
 def _hard_edged(img: np.ndarray, ink: np.ndarray, levels: tuple[float, float]) -> bool:
