@@ -211,8 +211,8 @@ def test_reader_applies_only_a_calibration_made_for_its_weights(tmp_path):
 
 
 def test_the_rows_are_read_as_users_files_with_their_readings(tmp_path):
-    """The calibration reads what Reader decodes: normalized readings of each file (a robustness
-    option confidence.py does not expose must still be set for the row builders)."""
+    """The calibration reads what Reader decodes: normalized readings of each file, through the
+    robustness row builders (whose val_images row once needed an option confidence.py lacks)."""
     from PIL import Image
 
     from tests.test_robustness import formula_like
