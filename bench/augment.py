@@ -1,7 +1,7 @@
 """Cost and look of the training augmentation (data/augment.py) on a preprocessed dataset.
 
     python bench/augment.py --data_path DIR [--epochs 3] [--grid docs/augment_grid.png]
-    python bench/augment.py --data_path DIR --strengths 0.75 --low_res 0.3   # a run's setting
+    python bench/augment.py --data_path DIR --strengths 0.75 --low_res 0.3 --binary 0.2  # a run's
 
 Prints, per level, the time per training image (raw read + augmentation + normalization +
 bucket fitting), the share of images changed and the share left clean because normalization or
@@ -22,14 +22,15 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from data.augment import LEVELS, Augmenter, with_low_res  # noqa: E402
+from data.augment import LEVELS, Augmenter, with_shares  # noqa: E402
 from data.dataset import FormulaDataset  # noqa: E402
 from data.files import atomic_open  # noqa: E402
 from data.vocab import Vocab  # noqa: E402
 
 
-def level_cost(ds: FormulaDataset, strength: float, epochs: int, low_res: float) -> str:
-    aug = Augmenter(strength, seed=2020, low_res=low_res)
+def level_cost(ds: FormulaDataset, strength: float, epochs: int, low_res: float,
+               binary: float) -> str:
+    aug = Augmenter(strength, seed=2020, low_res=low_res, binary=binary)
     changed = 0
     t = time.perf_counter()
     for epoch in range(epochs):
@@ -38,7 +39,8 @@ def level_cost(ds: FormulaDataset, strength: float, epochs: int, low_res: float)
             changed += not np.array_equal(aug(img, epoch, i), img)
     n = epochs * len(ds)
     ms = 1000 * (time.perf_counter() - t) / n
-    return (f"strength {strength:g}, low-resolution share {low_res:g}: {ms:.2f} ms/image over "
+    return (f"strength {strength:g}, low-resolution share {low_res:g}, binary share "
+            f"{binary:g}: {ms:.2f} ms/image over "
             f"{n} images, changed {100 * changed / n:.0f}%,"
             f" left clean after a refusal {100 * aug.fallbacks / n:.1f}%")
 
@@ -47,7 +49,7 @@ def transform_cost(ds: FormulaDataset, repeats: int = 20) -> list[str]:
     rng = np.random.default_rng(0)
     sample = [ds[i][0] for i in range(0, len(ds), max(1, len(ds) // 20))]
     out = []
-    for name, _, fn in with_low_res(1.0):  # every transform, low_res included
+    for name, _, fn in with_shares(1.0, 1.0):  # every transform, the optional ones included
         t = time.perf_counter()
         for _ in range(repeats):
             for img in sample:
@@ -86,6 +88,8 @@ def main() -> int:
                    LEVELS["strong"]], help="augmentation strengths to time")
     p.add_argument("--low_res", type=float, default=0.0,
                    help="share of augmented images also shrunk (train.py --augment_low_res)")
+    p.add_argument("--binary", type=float, default=0.0,
+                   help="share of augmented images also binarized (train.py --augment_binary)")
     args = p.parse_args()
     shard_dir = Path(args.data_path) / "shards" / "train"
     if not shard_dir.is_dir():
@@ -94,7 +98,7 @@ def main() -> int:
     ds = FormulaDataset(shard_dir, Vocab.load(Path(args.data_path) / "vocab.json"))
     print(f"{len(ds)} training images of {args.data_path}")
     for strength in args.strengths:
-        print(level_cost(ds, strength, args.epochs, args.low_res))
+        print(level_cost(ds, strength, args.epochs, args.low_res, args.binary))
     print("\n".join(transform_cost(ds)))
     if args.grid:
         grid(ds, args.grid)

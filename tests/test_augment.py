@@ -12,12 +12,13 @@ from data import augment
 from data.augment import (
     TRANSFORMS,
     Augmenter,
+    binary,
     distort,
     fit_into,
     legible,
     low_res,
     parse_level,
-    with_low_res,
+    with_shares,
 )
 from data.dataset import FormulaDataset
 from data.image import ImageError, ink_bbox
@@ -39,7 +40,7 @@ def dark_on_light(img: np.ndarray) -> bool:
     return img.dtype == np.uint8 and img.ndim == 2 and paper >= 150 and img.min() < paper - 60
 
 
-@pytest.mark.parametrize("name,fn", [(n, f) for n, _, f in with_low_res(0.5)],
+@pytest.mark.parametrize("name,fn", [(n, f) for n, _, f in with_shares(0.5, 0.5)],
                          ids=lambda v: str(v))
 def test_each_transform_changes_the_image_and_keeps_it_uint8_dark_on_white(train_ds, name, fn):
     for i in (0, len(train_ds) // 2, len(train_ds) - 1):
@@ -102,15 +103,30 @@ def test_low_res_shrinks_to_a_small_image_that_normalization_brings_back(train_d
                for _ in range(3)) == pytest.approx(0.85, abs=0.01)  # the least it shrinks
 
 
-def test_a_low_res_share_adds_the_transform_and_none_keeps_older_runs_images(train_ds):
-    assert with_low_res(0.0) is TRANSFORMS
-    assert [n for n, _, _ in with_low_res(0.3)][:2] == ["scale", "low_res"]
-    old, none, some = Augmenter(0.75, 5), Augmenter(0.75, 5, 0.0), Augmenter(0.75, 5, 1.0)
+@pytest.mark.parametrize("share", ["low_res", "binary"])
+def test_a_share_adds_its_transform_and_none_keeps_older_runs_images(train_ds, share):
+    assert with_shares() is TRANSFORMS and with_shares(0.0, 0.0) is TRANSFORMS
+    assert [n for n, _, _ in with_shares(**{f"{share}_share": 0.3})][:2] == ["scale", share]
+    assert [n for n, _, _ in with_shares(0.3, 0.2)][:3] == ["scale", "low_res", "binary"]
+    old = Augmenter(0.75, 5)
+    none, some = Augmenter(0.75, 5, **{share: 0.0}), Augmenter(0.75, 5, **{share: 1.0})
     imgs = [train_ds[i][0] for i in range(12)]
     assert all(np.array_equal(old(x, 0, i), none(x, 0, i)) for i, x in enumerate(imgs))
     assert any(not np.array_equal(old(x, 0, i), some(x, 0, i)) for i, x in enumerate(imgs))
-    with pytest.raises(ValueError, match="low-resolution share"):
-        Augmenter(0.5, 0, low_res=1.5)
+    with pytest.raises(ValueError, match="share must be in"):
+        Augmenter(0.5, 0, **{share: 1.5})
+
+
+def test_binary_leaves_only_ink_and_paper_with_a_cut_that_keeps_strokes(train_ds):
+    """Hard edges, as a rasterizer without anti-aliasing draws; the cut lies between half
+    coverage and near the paper, so strokes keep at least their solid core and at most
+    swallow their soft edge."""
+    img = train_ds[len(train_ds) // 2][0]
+    for seed in range(8):
+        out = binary(img, np.random.default_rng(seed), 0.75)
+        assert out.shape == img.shape and set(np.unique(out)) <= {0, 255}
+        assert np.count_nonzero(img < 128) <= np.count_nonzero(out == 0)
+        assert np.count_nonzero(out == 0) <= np.count_nonzero(img < 0.8 * 255 + 1)
 
 
 def test_a_refused_normalization_falls_back_to_the_clean_image(train_ds, monkeypatch):
@@ -165,16 +181,18 @@ def test_levels_parse_and_bad_ones_fail_clearly(capsys):
     with pytest.raises(SystemExit) as e:
         parse_args(["--data_path", "x", "--save_dir", "y", "--augment", "heavy"])
     assert e.value.code == 2 and "--augment" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as e:
-        parse_args(["--data_path", "x", "--save_dir", "y", "--augment_low_res", "2"])
-    assert e.value.code == 2 and "--augment_low_res" in capsys.readouterr().err
+    for flag in ("--augment_low_res", "--augment_binary"):
+        with pytest.raises(SystemExit) as e:
+            parse_args(["--data_path", "x", "--save_dir", "y", flag, "2"])
+        assert e.value.code == 2 and flag in capsys.readouterr().err
 
 
-def test_a_low_res_share_without_augmentation_is_refused(tiny_dataset, tmp_path, capsys):
+@pytest.mark.parametrize("flag", ["--augment_low_res", "--augment_binary"])
+def test_a_share_without_augmentation_is_refused(tiny_dataset, tmp_path, capsys, flag):
     """It shares out augmented images: alone it would silently do nothing."""
     assert train.main(["--data_path", str(tiny_dataset), "--save_dir", str(tmp_path / "r"),
-                       *COMMON, "--augment_low_res", "0.3"]) == 1
-    assert "needs --augment" in capsys.readouterr().err
+                       *COMMON, flag, "0.3"]) == 1
+    assert f"{flag} shares out augmented images: it needs --augment" in capsys.readouterr().err
 
 
 COMMON = [*TINY_MODEL, "--batch_size", "16", "--quiet", "--amp", "off"]

@@ -116,6 +116,11 @@ class TrainConfig:
                                     "resolution, 0.6x-0.85x (data/augment.py low_res; 0: older "
                                     "runs reproduce)", run=True, type=share_of_images,
                                     metavar="SHARE")
+    augment_binary: float = option(0.0, "share of augmented images also binarized, as a "
+                                   "rasterizer without anti-aliasing or a thresholded scan "
+                                   "leaves them (data/augment.py binary; 0: older runs "
+                                   "reproduce)", run=True, type=share_of_images,
+                                   metavar="SHARE")
     label_spelling: str = option("as_is", "rewrite training labels so that what typesets "
                                  "the same has one spelling (data/spelling.py): references, "
                                  "the spelling of IM2LATEX-100K's references ({ \\cal L }, "

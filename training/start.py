@@ -148,11 +148,20 @@ class Data:
     val_loader: DataLoader
 
 
+def _optional_transforms(cfg: TrainConfig) -> list[tuple[str, str, float]]:
+    """(flag, name, share) of each optional augmentation transform the run draws."""
+    return [(flag, what, share) for flag, what, share in (
+        ("--augment_low_res", "low-resolution", cfg.augment_low_res),
+        ("--augment_binary", "binary", cfg.augment_binary)) if share]
+
+
 def load_data(cfg: TrainConfig, d: Dist, vocab: Vocab) -> Data:
     data_dir = Path(cfg.data_path)
-    if cfg.augment_low_res and not cfg.augment:
-        raise RunError("--augment_low_res shares out augmented images: it needs --augment")
-    augment = Augmenter(cfg.augment, cfg.seed, cfg.augment_low_res) if cfg.augment else None
+    optional = _optional_transforms(cfg)
+    for flag, _, _ in optional if not cfg.augment else ():
+        raise RunError(f"{flag} shares out augmented images: it needs --augment")
+    augment = (Augmenter(cfg.augment, cfg.seed, cfg.augment_low_res, cfg.augment_binary)
+               if cfg.augment else None)
     relabel = None if cfg.label_spelling == "as_is" else partial(respell,
                                                                    spelling=cfg.label_spelling)
     train = FormulaDataset(data_dir / "shards" / "train", vocab, max_len=cfg.max_len,
@@ -179,7 +188,8 @@ def load_data(cfg: TrainConfig, d: Dist, vocab: Vocab) -> Data:
           f"({train.skipped_long} train formulas over --max_len {cfg.max_len} left out); "
           f"effective batch {cfg.batch_size * d.world} ({cfg.batch_size} x {d.world}), "
           f"lr {cfg.lr:g}" + (f", augmentation {cfg.augment:g}" if augment else "")
-          + (f" ({cfg.augment_low_res:g} low-resolution)" if cfg.augment_low_res else "")
+          + (f" ({', '.join(f'{share:g} {what}' for _, what, share in optional)})"
+             if optional else "")
           + (f", labels in the {cfg.label_spelling} spelling" if relabel else ""))
     return Data(train, val, sampler, val_loader)
 
