@@ -648,7 +648,6 @@ def _hard_edged(img: np.ndarray, ink: np.ndarray, levels: tuple[float, float]) -
 
 def normalize_user_image(
     img: np.ndarray, bucket: bool = False, pad_px: int = 8, factor: int = 2,
-    coverage: float = 0.5,
 ) -> np.ndarray:
     """A user's formula image rescaled and styled like the renderer's output.
 
@@ -656,15 +655,16 @@ def normalize_user_image(
     (estimate_scale; for a blurred image, from a mask without the blur's halo). An image
     already at the training scale (TRAINING_SCALE_RANGE), unless it is hard-edged, is only
     cropped, contrast-stretched and padded; any other is resampled to ``factor`` x the
-    training resolution, where pixels with at least ``coverage`` ink become black, and
-    finished exactly like a render (crop, pad, optional bucket, LANCZOS halving).
+    training resolution, where pixels with at least half ink (_coverage: less for a soft image
+    enlarged) become black, and finished exactly like a render (crop, pad, optional bucket,
+    LANCZOS halving).
 
     The work is bounded whatever the input (a server and a batch job call this on untrusted
     files): the analysis runs at most at _ANALYSIS_SIDE, the component analysis refuses noise,
     the scale is capped and the result always fits the largest bucket and the encoder's
     minimum size. ImageError for anything that cannot be read within these bounds.
     """
-    return _normalized(_read_scale(img), bucket, pad_px, factor, coverage)
+    return _normalized(_read_scale(img), bucket, pad_px, factor)
 
 
 def normalized_readings(img: np.ndarray, bucket: bool = False) -> tuple[np.ndarray, ...]:
@@ -677,8 +677,23 @@ def normalized_readings(img: np.ndarray, bucket: bool = False) -> tuple[np.ndarr
     return tuple(_normalized(r, bucket) for r in readings)
 
 
-def _normalized(r: _Reading, bucket: bool = False, pad_px: int = 8, factor: int = 2,
-                coverage: float = 0.5) -> np.ndarray:
+# The ink share at which a pixel of the resampled image becomes black. In a soft image that
+# is enlarged (a small anti-aliased screenshot) thin strokes never reach full ink, and a cut
+# at half broke them into pieces; a cut nearer the paper keeps them whole at the price of
+# bolder strokes, which the model reads far better, having trained on bold ones
+# (docs/training.md, stage 6 of v2). Images reduced keep the cut at half, and hard-edged ones
+# need none: their pixels are ink or paper.
+_COVERAGE = 0.5
+_SOFT_ENLARGED_COVERAGE = 0.42
+
+
+def _coverage(r: _Reading) -> float:
+    return _SOFT_ENLARGED_COVERAGE if r.scale < TRAINING_SCALE_RANGE[0] and not r.hard \
+        else _COVERAGE
+
+
+def _normalized(r: _Reading, bucket: bool = False, pad_px: int = 8, factor: int = 2
+                ) -> np.ndarray:
     """The image of one reading, finished as normalize_user_image describes."""
     size_px = glyph_size(r.boxes)
     top, left, bottom, right = _formula_extent(r.all_boxes, r.boxes, reach=1.5 * size_px)
@@ -703,7 +718,7 @@ def _normalized(r: _Reading, bucket: bool = False, pad_px: int = 8, factor: int 
     h, w = crop.shape
     size = (max(1, round(w * resample)), max(1, round(h * resample)))
     big = np.asarray(Image.fromarray(crop).resize(size, Image.Resampling.LANCZOS))
-    binary = np.where(big < paper - coverage * (paper - dark), 0, 255).astype(np.uint8)
+    binary = np.where(big < paper - _coverage(r) * (paper - dark), 0, 255).astype(np.uint8)
     if not (binary < 255).any():
         raise ImageError("image has no ink after rescaling")
     return at_least_min_size(finish_render(binary, pad_px=pad_px, factor=factor, bucket=bucket))
