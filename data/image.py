@@ -564,10 +564,10 @@ def _scale_under(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
     return mask, all_boxes, glyphs, estimate_scale(glyphs)
 
 
-# An image at the training scale whose edges climb this little (_steepness) is blurred: a
-# render's edges measure about 0.8, a render blurred by a 1-px radius under 0.45, and every
-# other look read at the training scale (noise, anti-aliasing, fonts, JPEG) above 0.5
-# (docs/training.md, stage 6 of v2).
+# An image whose edges climb this little (_steepness) is blurred, or enlarged, which spreads
+# its edges alike: a render's edges measure about 0.8, a render blurred by a 1-px radius under
+# 0.45, and every other look at the training scale (noise, anti-aliasing, fonts, JPEG) above
+# 0.5 (docs/training.md, stage 6 of v2).
 _BLURRED_STEEPNESS = 0.45
 
 # Gentle on purpose: a stronger mask (radius 1.5, 200%) read blurred images no better and
@@ -652,7 +652,8 @@ def normalize_user_image(
     """A user's formula image rescaled and styled like the renderer's output.
 
     The model only saw 12pt formulas at one size, so the glyph scale is estimated
-    (estimate_scale; for a blurred image, from a mask without the blur's halo). An image
+    (estimate_scale; a blurred image is sharpened first, and where its mask still carries a
+    halo, read from a mask without it). An image
     already at the training scale (TRAINING_SCALE_RANGE), unless it is hard-edged, is only
     cropped, contrast-stretched and padded; any other is resampled to ``factor`` x the
     training resolution, where pixels with at least half ink (_coverage: less for a soft image
@@ -688,6 +689,7 @@ _SOFT_ENLARGED_COVERAGE = 0.42
 
 
 def _coverage(r: _Reading) -> float:
+    """The cut of the reading's resampled image: nearer the paper for a soft one enlarged."""
     return _SOFT_ENLARGED_COVERAGE if r.scale < TRAINING_SCALE_RANGE[0] and not r.hard \
         else _COVERAGE
 
