@@ -581,11 +581,11 @@ def _steepness(img: np.ndarray, levels: tuple[float, float]) -> float:
     contrast. A sharp edge takes most of the contrast in one step; a blurred one spreads it
     over several pixels, a gaussian of 1-px radius to about 0.4 of it."""
     paper, dark = levels
-    a = img.astype(np.float32)
-    steps = np.concatenate([np.abs(np.diff(a, axis=1)).ravel(),
-                            np.abs(np.diff(a, axis=0)).ravel()]) / max(paper - dark, 1.0)
-    edges = steps[steps > 0.1]
-    return float(np.quantile(edges, 0.9)) if edges.size else 1.0
+    contrast = max(paper - dark, 1.0)
+    a = img.astype(np.int16)  # steps in gray levels; only the edges' are kept, then scaled
+    edges = np.concatenate([s[s > 0.1 * contrast] for s in (
+        np.abs(np.diff(a, axis=1)), np.abs(np.diff(a, axis=0)))])
+    return float(np.quantile(edges, 0.9)) / contrast if edges.size else 1.0
 
 
 # Where the unbroken mask cuts, as a share of the way from ink to paper: light enough to keep
