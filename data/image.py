@@ -507,27 +507,31 @@ def _read_scale(img: np.ndarray) -> _Reading:
     """Otsu's mask and its scale, of the image sharpened first if it is blurred (_unblurred);
     for an image that mask calls larger than the training scale, the halo-free second opinion
     of _without_halo."""
-    img, ink, all_boxes, boxes = _unblurred(*analyse(img))
+    img, ink, all_boxes, boxes = analyse(img)
+    levels = _ink_levels(img, ink)
+    if (sharpened := _unblurred(img, ink, levels)) is not None:
+        img, ink, all_boxes, boxes = sharpened
+        levels = _ink_levels(img, ink)
     scale = estimate_scale(boxes)
     has_paper = bool((~ink).any())  # else there are no edges to judge
-    levels = _ink_levels(img, ink)
     hard = has_paper and _hard_edged(img, ink, levels)
     if scale > TRAINING_SCALE_RANGE[1] and has_paper and (sharp := _without_halo(img, levels)):
         ink, all_boxes, boxes, scale = sharp  # a blurred image at the training scale
     return _Reading(img, ink, all_boxes, boxes, scale, hard, levels)
 
 
-def _unblurred(img: np.ndarray, ink: np.ndarray, all_boxes: np.ndarray, boxes: np.ndarray
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """analyse()'s result, or that of the image sharpened where its edges are blurred: a model
-    trained on sharp renders reads a sharpened blur better, and Otsu's mask of the sharpened
-    image has no halo. Where the sharpened image's analysis refuses it, the image as it is."""
-    if ink.all() or _steepness(img, _ink_levels(img, ink)) >= _BLURRED_STEEPNESS:
-        return img, ink, all_boxes, boxes
+def _unblurred(img: np.ndarray, ink: np.ndarray, levels: tuple[float, float]
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """analyse()'s result for the image sharpened, where its edges are blurred: a model trained
+    on sharp renders reads a sharpened blur better, and Otsu's mask of the sharpened image has
+    no halo. None where the edges are not blurred, or the sharpened image's analysis refuses
+    it (the image is then read as it is)."""
+    if ink.all() or _steepness(img, levels) >= _BLURRED_STEEPNESS:
+        return None
     try:
         return analyse(np.asarray(Image.fromarray(img).filter(_SHARPEN)))
     except ImageError:
-        return img, ink, all_boxes, boxes
+        return None
 
 
 def _in_training_range(scale: float) -> bool:
