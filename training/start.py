@@ -158,8 +158,8 @@ def _optional_transforms(cfg: TrainConfig) -> list[tuple[str, str, float]]:
 def load_data(cfg: TrainConfig, d: Dist, vocab: Vocab) -> Data:
     data_dir = Path(cfg.data_path)
     optional = _optional_transforms(cfg)
-    for flag, _, _ in optional if not cfg.augment else ():
-        raise RunError(f"{flag} shares out augmented images: it needs --augment")
+    if optional and not cfg.augment:
+        raise RunError(f"{optional[0][0]} shares out augmented images: it needs --augment")
     augment = (Augmenter(cfg.augment, cfg.seed, cfg.augment_low_res, cfg.augment_binary)
                if cfg.augment else None)
     relabel = None if cfg.label_spelling == "as_is" else partial(respell,
