@@ -42,6 +42,21 @@ class Style:
 
 _SANS = ("\\usepackage{sansmath}", "\\renewcommand{\\familydefault}{\\sfdefault}")
 
+
+def _text_font_math(package: str, family: str) -> tuple[str, ...]:
+    """Preamble lines that set math letters, digits and \\mathrm in a psnfss text font.
+
+    Why: Bookman, Charter and the other psnfss text fonts have no math fonts, so loading one
+    changes only the text, and a formula would still look Computer Modern. sansmath's math
+    version takes its letters and digits from \\sfdefault when it is loaded; pointing that at
+    the text font gives math in the font, as documents set in it (and word processors) show
+    formulas. \\mathsf keeps its own font (the kernel declares it as cmss). Greek and symbols
+    stay Computer Modern, as they do with sansmath.
+    """
+    return (f"\\usepackage{{{package}}}", f"\\renewcommand{{\\sfdefault}}{{{family}}}",
+            "\\usepackage{sansmath}")
+
+
 STYLES: dict[str, Style] = {s.name: s for s in (
     Style("cm"),
     Style("times", ("\\usepackage{mathptmx}",)),
@@ -51,6 +66,11 @@ STYLES: dict[str, Style] = {s.name: s for s in (
     Style("euler", ("\\usepackage{euler}",)),
     Style("sans", _SANS, setup="\\sansmath "),
     Style("helvetica", ("\\usepackage[scaled=0.92]{helvet}", *_SANS), setup="\\sansmath "),
+    Style("avant", ("\\usepackage{avant}", *_SANS), setup="\\sansmath "),
+    Style("bookman", _text_font_math("bookman", "pbk"), setup="\\sansmath "),
+    Style("newcent", _text_font_math("newcent", "pnc"), setup="\\sansmath "),
+    Style("charter", _text_font_math("charter", "bch"), setup="\\sansmath "),
+    Style("utopia", _text_font_math("utopia", "put"), setup="\\sansmath "),
     Style("cm-text", display=False),
     Style("cm-10pt", size="10pt"),
     Style("cm-11pt", size="11pt"),

@@ -86,6 +86,19 @@ def test_cm_is_the_default_and_unchanged(rendered):
     assert (plain == named).all() and (plain == rendered["cm"]).all()
 
 
+@needs_tex
+def test_text_font_styles_set_math_letters_in_the_font_but_leave_mathsf_alone():
+    """bookman and the other text-font styles change the math letters and digits, which is
+    their point, and not \\mathsf, whose sans look the label names."""
+    letters, sans = r"x y + 2 a", r"\mathsf { A B }"
+    for name in ("bookman", "charter"):
+        cm_letters, cm_sans = render_formulas([letters, sans], FAST)
+        font_letters, font_sans = render_formulas([letters, sans], FAST, style=name)
+        assert (cm_letters.shape != font_letters.shape
+                or np.abs(cm_letters.astype(int) - font_letters).sum() > 255 * 20), name
+        assert cm_sans.shape == font_sans.shape and (cm_sans == font_sans).all(), name
+
+
 def test_unknown_style_names_the_valid_ones():
     with pytest.raises(ValueError, match="unknown render style 'tims'.*cm, times"):
         RenderOptions(style="tims")
