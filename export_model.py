@@ -3,6 +3,11 @@ or (--onnx) as ONNX graphs for the torch-free runtime (im2latex/onnx_backend.py)
 
     python export_model.py runs/ref/best.pt checkpoints/im2latex.pt --note "small CPU model"
     python export_model.py checkpoints/im2latex.pt --onnx checkpoints/im2latex_onnx
+    python export_model.py runs/ft/last.pt averaged.pt --average checkpoints/im2latex.pt
+                       # the mean of a fine-tuned model's weights and those it started from
+
+--average: the exported weights are the mean of SRC's and these checkpoints' (model/average.py:
+why, and which checkpoints can be averaged); give a path twice to weigh it twice.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from model.average import average_checkpoints
 from model.checkpoint import CheckpointError, export_weights
 
 
@@ -22,14 +28,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--onnx", metavar="DIR",
                    help="also (or only) write the model as ONNX graphs into this folder, "
                         "replacing an earlier export there")
+    p.add_argument("--average", nargs="+", metavar="CKPT", default=[],
+                   help="export the mean of SRC's weights and these checkpoints' (one model, "
+                        "fine-tuned from common weights)")
     args = p.parse_args(argv)
     if not args.dst and not args.onnx:
         p.error("give DST, --onnx DIR, or both")
+    if args.average and not args.dst:
+        p.error("--average needs DST: the ONNX graphs are made from the averaged .pt written there")
     try:
         if args.dst:
-            out = export_weights(args.src, args.dst, args.note)
+            averaged = average_checkpoints([args.src, *args.average]) if args.average else None
+            out = export_weights(args.src, args.dst, args.note, averaged)
             size = Path(args.dst).stat().st_size / 2**20
-            print(f"exported epoch {out['epoch']}, step {out['step']} -> {args.dst} "
+            mean = f"the mean of {1 + len(args.average)} checkpoints' weights, " if averaged else ""
+            print(f"exported {mean}epoch {out['epoch']}, step {out['step']} -> {args.dst} "
                   f"({size:.1f} MiB)")
         if args.onnx:
             from im2latex.onnx_export import export_onnx  # torch.onnx only when asked

@@ -204,10 +204,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Im
     return model_from_checkpoint(load_checkpoint(path), source=str(path), device=device)
 
 
-def export_weights(src: str | Path, dst: str | Path, note: str = "") -> dict:
+def export_weights(src: str | Path, dst: str | Path, note: str = "",
+                   ckpt: dict | None = None) -> dict:
     """A training checkpoint reduced to what inference needs: half-precision weights, the model
-    config and the vocabulary (no optimizer state), a fraction of the size, for shipping."""
-    ckpt = load_checkpoint(src)
+    config and the vocabulary (no optimizer state), a fraction of the size, for shipping.
+
+    ``ckpt``: the checkpoint already read from ``src`` and changed (model/average.py's mean of
+    several); None reads ``src``."""
+    ckpt = load_checkpoint(src) if ckpt is None else ckpt
     model_from_checkpoint(ckpt, source=str(src))  # refuse to export something that won't load
     state = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
     out = {"model": state, "model_config": ckpt["model_config"], "vocab": ckpt["vocab"],

@@ -1,0 +1,60 @@
+"""Weight averaging: one model whose weights are the mean of several checkpoints' weights.
+
+Why: fine-tuning the shipped model on new looks (fonts, augmentation) raises the rows it trains
+on but has each time cost some accuracy on clean renders (docs/training.md, stages 5 and 6).
+The mean of the fine-tuned weights and the weights it started from (WiSE-FT, Wortsman et al.
+2022, "Robust fine-tuning of zero-shot models") often keeps most of both, at no training cost;
+the mean of a run's last checkpoints (as fairseq's ``average_checkpoints.py`` takes) smooths the
+noise of its final steps. Both need models of one lineage, fine-tuned from common weights:
+independently trained networks order their units differently, and the mean of their weights
+reads nothing. Which mean is better is for validation to say, like any other model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from model.checkpoint import CheckpointError, load_checkpoint
+
+
+def average_checkpoints(paths: Sequence[str | Path]) -> dict:
+    """The first checkpoint, its floating-point weights replaced by the mean over all of them
+    (a path given twice counts twice); integer buffers (batch-norm counters) are the first's.
+
+    The checkpoints must share the model config and the vocabulary: the same tensors meaning
+    the same things. A CheckpointError names the first that does not.
+    """
+    if not paths:
+        raise CheckpointError("nothing to average: no checkpoint given")
+    first = load_checkpoint(paths[0])
+    sums = {k: v.double() for k, v in first["model"].items() if v.is_floating_point()}
+    for path in paths[1:]:
+        ckpt = load_checkpoint(path)
+        _check_same_model(first, ckpt, paths[0], path)
+        for k in sums:
+            sums[k] += ckpt["model"][k].double()
+    # float32 whatever the inputs: a half-precision shipped model averaged with a training
+    # checkpoint must not round the training one's weights to half
+    model = {k: (sums[k] / len(paths)).float() if k in sums else v
+             for k, v in first["model"].items()}
+    return {**first, "model": model}
+
+
+def _check_same_model(a: dict, b: dict, a_path: str | Path, b_path: str | Path) -> None:
+    """Refuse to average checkpoints whose tensors do not correspond one to one."""
+    if a["model_config"] != b["model_config"]:
+        diff = sorted(k for k in set(a["model_config"]) | set(b["model_config"])
+                      if a["model_config"].get(k) != b["model_config"].get(k))
+        raise CheckpointError(f"{b_path}: another model than {a_path} ({', '.join(diff)} "
+                              "differ); only checkpoints of one model can be averaged")
+    if a["vocab"] != b["vocab"]:
+        raise CheckpointError(f"{b_path}: another vocabulary than {a_path}; only checkpoints "
+                              "of one model can be averaged")
+    shapes = {k: tuple(v.shape) for k, v in a["model"].items()}
+    if shapes != {k: tuple(v.shape) for k, v in b["model"].items()}:
+        raise CheckpointError(f"{b_path}: its tensors differ from {a_path}'s in name or shape")
+    for k, v in b["model"].items():
+        if v.is_floating_point() != a["model"][k].is_floating_point():
+            raise CheckpointError(f"{b_path}: {k} is stored as {v.dtype}, in {a_path} as "
+                                  f"{a['model'][k].dtype}")
