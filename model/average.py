@@ -13,9 +13,10 @@ reads nothing. Which mean is better is for validation to say, like any other mod
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 
-from model.checkpoint import CheckpointError, load_checkpoint
+from model.checkpoint import CheckpointError, config_from_checkpoint, load_checkpoint
 
 
 def average_checkpoints(paths: Sequence[str | Path]) -> dict:
@@ -43,9 +44,12 @@ def average_checkpoints(paths: Sequence[str | Path]) -> dict:
 
 def _check_same_model(a: dict, b: dict, a_path: str | Path, b_path: str | Path) -> None:
     """Refuse to average checkpoints whose tensors do not correspond one to one."""
-    if a["model_config"] != b["model_config"]:
-        diff = sorted(k for k in set(a["model_config"]) | set(b["model_config"])
-                      if a["model_config"].get(k) != b["model_config"].get(k))
+    # checked field by field (config_from_checkpoint refuses a malformed one by name), so
+    # the message can say which sizes differ
+    a_cfg = config_from_checkpoint(a["model_config"], str(a_path))
+    b_cfg = config_from_checkpoint(b["model_config"], str(b_path))
+    if a_cfg != b_cfg:
+        diff = [f.name for f in fields(a_cfg) if getattr(a_cfg, f.name) != getattr(b_cfg, f.name)]
         raise CheckpointError(f"{b_path}: another model than {a_path} ({', '.join(diff)} "
                               "differ); only checkpoints of one model can be averaged")
     if a["vocab"] != b["vocab"]:
