@@ -55,10 +55,9 @@ def _check_same_model(a: dict, b: dict, a_path: str | Path, b_path: str | Path) 
     if a["vocab"] != b["vocab"]:
         raise CheckpointError(f"{b_path}: another vocabulary than {a_path}; only checkpoints "
                               "of one model can be averaged")
-    shapes = {k: tuple(v.shape) for k, v in a["model"].items()}
-    if shapes != {k: tuple(v.shape) for k, v in b["model"].items()}:
-        raise CheckpointError(f"{b_path}: its tensors differ from {a_path}'s in name or shape")
-    for k, v in b["model"].items():
-        if v.is_floating_point() != a["model"][k].is_floating_point():
-            raise CheckpointError(f"{b_path}: {k} is stored as {v.dtype}, in {a_path} as "
-                                  f"{a['model'][k].dtype}")
+    def layout(ckpt: dict) -> dict:  # what must match for the mean to be taken tensor by tensor
+        return {k: (tuple(v.shape), v.is_floating_point()) for k, v in ckpt["model"].items()}
+
+    if layout(a) != layout(b):
+        raise CheckpointError(f"{b_path}: its tensors differ from {a_path}'s in name, shape or "
+                              "kind (floating point or integer)")
