@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -148,11 +148,13 @@ def build_dataset(lines: Iterable[str], data_dir: str | Path, *, ratios: Sequenc
                   filters: Filters = Filters(), render_opts: RenderOptions = RenderOptions(),
                   progress: bool = True, styles: Sequence[str] = (DEFAULT_STYLE,),
                   extra_styles: int = 1, eval_style: str = DEFAULT_STYLE,
+                  style_weights: Mapping[str, float] | None = None,
                   recovery: bool = True, retry_failed: bool = False) -> BuildReport:
     """`lines` are split by `ratios`; `fixed` maps a split to formulas that all go there (e.g. the
     real validation and test sets), and those never appear in another split. `sample` keeps a
     seeded random subset of `lines` (after normalizing and excluding), to fit a time budget.
-    `styles`, `extra_styles`, `eval_style`: the render styles; `recovery`: data.recover's
+    `styles`, `extra_styles`, `eval_style`, `style_weights`: the render styles (the weights:
+    data.styles.styles_for); `recovery`: data.recover's
     rewrites and training packages (see the module docstring; False builds as v1.1 did);
     `retry_failed`: render again the formulas an earlier run recorded as failing for good
     (data.failed_renders; by default they are reported failed again without TeX)."""
@@ -180,7 +182,7 @@ def build_dataset(lines: Iterable[str], data_dir: str | Path, *, ratios: Sequenc
     data_dir = Path(data_dir)
     img_dir = data_dir / IMAGES_DIR
     split_of = dict(zip(formulas, splits))
-    plan = [styles_for(f, styles, extra_styles, seed) if split_of[f] == "train"
+    plan = [styles_for(f, styles, extra_styles, seed, style_weights) if split_of[f] == "train"
             else [eval_style] for f in wanted]
     errors = _render_plan(wanted, [split_of[f] for f in wanted], plan, img_dir,
                           render_opts, progress, recovery, retry_failed)

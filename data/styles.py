@@ -16,7 +16,8 @@ an integer LANCZOS shrink, so only the pixel-level look (stroke weight, jaggies)
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 DEFAULT_STYLE = "cm"
@@ -93,27 +94,65 @@ def get_style(style: str | Style) -> Style:
 
 
 def parse_styles(text: str) -> list[str]:
-    """``"cm,times"`` -> ["cm", "times"], each checked, duplicates dropped, order kept."""
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    if not names:
+    """``"cm,times"`` -> ["cm", "times"], each checked, duplicates dropped, order kept; a
+    weight suffix (``avant:3``, parse_style_weights) is allowed and left out here."""
+    return list(parse_style_weights(text))
+
+
+def parse_style_weights(text: str) -> dict[str, float]:
+    """``"cm,times,avant:3"`` -> {"cm": 1.0, "times": 1.0, "avant": 3.0}: each style checked,
+    a repeated one kept at its first place and weight.
+
+    A weight (default 1) is how often styles_for draws that style as an extra one, relative to
+    the others: a font the model reads badly can get a larger share of the images without
+    rendering every formula in it. The first style is rendered for every formula, so a weight
+    on it would mean nothing and is refused."""
+    weights: dict[str, float] = {}
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        name, sep, w = (x.strip() for x in item.partition(":"))
+        get_style(name)
+        try:
+            weight = float(w) if sep else 1.0
+        except ValueError:
+            raise ValueError(f"style weight {w!r} of {name!r} is not a number") from None
+        if not weight > 0 or weight == float("inf"):
+            raise ValueError(f"style weight of {name!r} must be a positive number, not {w}")
+        if sep and not weights and weight != 1.0:
+            raise ValueError(f"{name!r} is the first style, rendered for every formula: "
+                             "a weight on it means nothing")
+        weights.setdefault(name, weight)
+    if not weights:
         raise ValueError(f"no render style given; valid: {', '.join(STYLES)}")
-    for n in names:
-        get_style(n)
-    return list(dict.fromkeys(names))
+    return weights
 
 
-def styles_for(formula: str, styles: Sequence[str], extra: int, seed: int = 0) -> list[str]:
+def styles_for(formula: str, styles: Sequence[str], extra: int, seed: int = 0,
+               weights: Mapping[str, float] | None = None) -> list[str]:
     """The styles one training formula is rendered in: the first of ``styles`` always (the
-    benchmark look), plus ``extra`` of the others picked by a seeded hash of the formula.
+    benchmark look), plus ``extra`` of the others picked by a seeded hash of the formula,
+    style ``s`` with a probability that grows with ``weights[s]`` (default 1 each).
 
     Why not every style for every formula: the data (and rendering time) would grow by the
     number of styles, mostly repeating the same labels; a hash spreads the styles evenly over
     the formulas, gives a rebuild the same images (resumable), and ``extra`` sets the growth
     (``extra + 1``-fold) independently of how many styles exist.
+
+    The weighted draw without replacement is Efraimidis and Spirakis's: each style gets the
+    key -log(1 - u) / w for a hash-uniform u and the smallest keys win, so the first pick is
+    style s with probability w_s / sum(w). With every weight 1 the keys rank as the hashes
+    do, so unweighted builds pick exactly the styles they always did (their images on disk
+    are reused).
     """
     first, others = styles[0], list(styles[1:])
     if extra <= 0 or not others:
         return [first]
-    ranked = sorted(others, key=lambda s: hashlib.sha1(
-        f"{seed}\0{s}\0{formula}".encode()).digest())
-    return [first, *ranked[:extra]]
+    weights = weights or {}
+
+    def key(s: str) -> float:
+        digest = hashlib.sha1(f"{seed}\0{s}\0{formula}".encode()).digest()
+        u = (int.from_bytes(digest, "big") + 0.5) / 2 ** 160
+        return -math.log1p(-u) / weights.get(s, 1.0)
+
+    return [first, *sorted(others, key=key)[:extra]]

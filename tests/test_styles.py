@@ -1,6 +1,7 @@
 """data.styles and render styles: each style draws a formula differently, cm is untouched,
 preprocess.py --styles writes the extra images for training only, bad names fail clearly."""
 
+import hashlib
 from dataclasses import replace
 
 import numpy as np
@@ -10,7 +11,15 @@ from data import render as R
 from data.build import image_stem
 from data.layout import FORMULAS_FILE, IMAGES_DIR, read_lines, split_file
 from data.render import RenderOptions, render_formulas
-from data.styles import DEFAULT_STYLE, STYLES, Style, get_style, parse_styles, styles_for
+from data.styles import (
+    DEFAULT_STYLE,
+    STYLES,
+    Style,
+    get_style,
+    parse_style_weights,
+    parse_styles,
+    styles_for,
+)
 from data.tex_document import Geometry, make_document
 from tests.conftest import HAVE_TEX, run_script
 
@@ -126,6 +135,45 @@ def test_styles_per_formula_are_seeded_spread_and_bounded():
     assert len(two) == 3 and len(set(two)) == 3
 
 
+
+def test_unweighted_styles_are_the_ones_earlier_builds_picked():
+    """A rebuild without weights must pick what the old hash order picked, or every extra
+    image on disk would be rendered again and the data would change."""
+    styles = list(STYLES)
+    for extra in (1, 2):
+        for i in range(300):
+            f = f"x ^ {{ {i} }}"
+            old = sorted(styles[1:], key=lambda s: hashlib.sha1(
+                f"0\0{s}\0{f}".encode()).digest())[:extra]
+            assert styles_for(f, styles, extra) == [styles[0], *old]
+            assert styles_for(f, styles, extra, weights={s: 1.0 for s in styles}) == \
+                [styles[0], *old]
+
+
+def test_style_weights_set_each_styles_share():
+    styles = ["cm", "times", "avant", "bookman"]
+    weights = {"avant": 3.0, "bookman": 2.0}
+    formulas = [f"y _ {{ {i} }}" for i in range(3000)]
+    picks = [styles_for(f, styles, 1, weights=weights)[1] for f in formulas]
+    share = {s: picks.count(s) / len(picks) for s in styles[1:]}
+    for s, expected in (("times", 1 / 6), ("avant", 3 / 6), ("bookman", 2 / 6)):
+        assert abs(share[s] - expected) < 0.03, share
+    two = [styles_for(f, styles, 2, weights=weights) for f in formulas[:200]]
+    assert all(len(set(p)) == 3 and p[0] == "cm" for p in two)  # still without replacement
+
+
+def test_parse_style_weights():
+    assert parse_style_weights("cm, times,avant:3 ,bookman:0.5,times:9") == {
+        "cm": 1.0, "times": 1.0, "avant": 3.0, "bookman": 0.5}
+    assert parse_styles("cm,avant:3") == ["cm", "avant"]
+    assert parse_style_weights("cm:1,times")["cm"] == 1.0
+    for text, message in (("cm,avant:0", "positive"), ("cm,avant:-1", "positive"),
+                          ("cm,avant:nan", "positive"), ("cm,avant:inf", "positive"),
+                          ("cm,avant:x", "not a number"), ("cm:2,times", "first style"),
+                          ("cm,avnt:2", "unknown render style")):
+        with pytest.raises(ValueError, match=message):
+            parse_style_weights(text)
+
 @needs_tex
 def test_preprocess_styles_adds_training_images_only(tmp_path):
     d = tmp_path / "ds"
@@ -152,10 +200,24 @@ def test_preprocess_styles_adds_training_images_only(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in images} == before
 
 
+
+@needs_tex
+def test_preprocess_style_weights_reach_the_build(tmp_path):
+    d = tmp_path / "ds"
+    run_script("preprocess.py", "--generate", "12", "--data_path", d, "--quiet", "--no_shards",
+               "--workers", "1", "--split_ratio", "1", "0", "0",
+               "--styles", "cm,times,cm-aa:1e6")
+    extra = [ln.split()[0] for ln in read_lines(d / split_file("train")) if "_" in ln.split()[0]]
+    assert extra and all(name.endswith("_cm-aa.png") for name in extra)
+
 def test_preprocess_unknown_style_is_a_one_line_error(tmp_path):
     p = run_script("preprocess.py", "--generate", "3", "--data_path", tmp_path / "o",
                    "--styles", "cm,tims", check=False)
     assert p.returncode != 0
     assert p.stderr.strip().splitlines() == [
         f"error: unknown render style 'tims'; valid: {', '.join(STYLES)}"]
+    assert not (tmp_path / "o" / IMAGES_DIR).exists()
+    p = run_script("preprocess.py", "--generate", "3", "--data_path", tmp_path / "o",
+                   "--styles", "cm,times:0", check=False)
+    assert p.returncode != 0 and "must be a positive number" in p.stderr
     assert not (tmp_path / "o" / IMAGES_DIR).exists()
