@@ -150,9 +150,11 @@ def styles_for(formula: str, styles: Sequence[str], extra: int, seed: int = 0,
         return [first]
     weights = weights or {}
 
-    def key(s: str) -> float:
+    def key(s: str) -> tuple[float, bytes]:
         digest = hashlib.sha1(f"{seed}\0{s}\0{formula}".encode()).digest()
-        u = (int.from_bytes(digest, "big") + 0.5) / 2 ** 160
-        return -math.log1p(-u) / weights.get(s, 1.0)
+        # u from the digest's top 53 bits: exact in a float and strictly inside (0, 1); the
+        # digest itself breaks ties, so equal weights order exactly as the digests do
+        u = ((int.from_bytes(digest, "big") >> 107) + 0.5) / 2 ** 53
+        return -math.log1p(-u) / weights.get(s, 1.0), digest
 
     return [first, *sorted(others, key=key)[:extra]]
