@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import sys
-import zlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.robustness import DATA, STYLE_PREFIX, render  # noqa: E402
+from bench.robustness import DATA, STYLE_PREFIX, condition_file, render  # noqa: E402
 from data.conditions import CONDITIONS  # noqa: E402
 from data.image import (  # noqa: E402  (a what-if on normalization's internals)
     ImageError,
@@ -81,13 +80,9 @@ def row_images(name: str, formulas: list[str]) -> list[tuple[str, dict[float, np
     """(reference, readings) of each formula in one robustness row's look, made as
     bench/robustness.py makes it (same seed per row name and position)."""
     style = name[len(STYLE_PREFIX):] if name.startswith(STYLE_PREFIX) else DEFAULT_STYLE
-    cond = CONDITIONS.get(name, CONDITIONS["clean"])
-    tag = zlib.crc32(name.encode())
-    out = []
-    for i, (img, ref) in enumerate(zip(render(formulas, style, True), formulas)):
-        if img is not None:
-            out.append((ref, readings(cond.make(img, np.random.default_rng([0, tag, i])))))
-    return out
+    return [(ref, readings(condition_file(name, img, i, seed=0)))
+            for i, (img, ref) in enumerate(zip(render(formulas, style, True), formulas))
+            if img is not None]
 
 
 def judged(preds: dict[float, tuple[str, float]], alternatives: tuple[float, ...],

@@ -169,16 +169,22 @@ def rendered_rows(names: list[str], formulas: list[str], seed: int, quiet: bool,
             row = Row(name, cond.description if name in CONDITIONS else style_description(style))
             if failed:
                 row.notes.append(f"{failed} of {len(formulas)} formulas did not render")
-            tag = zlib.crc32(name.encode())
             for i, (img, ref) in enumerate(zip(clean, formulas)):
                 if img is None:
                     continue
-                data = cond.make(img, np.random.default_rng([seed, tag, i]))
+                data = condition_file(name, img, i, seed)
                 save_example(save, name, i, data)
                 row.images.append(user_input(data, f"{name}/{i}", normalize))
                 row.refs.append(ref)
             rows.append(row)
     return rows
+
+
+def condition_file(name: str, img: np.ndarray, i: int, seed: int) -> bytes:
+    """Row `name`'s image file of the i-th formula's render: its condition (the clean one for a
+    style row) drawn from randomness that depends on the seed, the row's name and i only."""
+    cond = CONDITIONS.get(name, CONDITIONS["clean"])
+    return cond.make(img, np.random.default_rng([seed, zlib.crc32(name.encode()), i]))
 
 
 def val_images_row(args: argparse.Namespace, normalize: bool = True) -> Row:

@@ -135,7 +135,6 @@ def test_styles_per_formula_are_seeded_spread_and_bounded():
     assert len(two) == 3 and len(set(two)) == 3
 
 
-
 def test_unweighted_styles_are_the_ones_earlier_builds_picked():
     """A rebuild without weights must pick what the old hash order picked, or every extra
     image on disk would be rendered again and the data would change."""
@@ -174,6 +173,7 @@ def test_parse_style_weights():
         with pytest.raises(ValueError, match=message):
             parse_style_weights(text)
 
+
 @needs_tex
 def test_preprocess_styles_adds_training_images_only(tmp_path):
     d = tmp_path / "ds"
@@ -200,7 +200,6 @@ def test_preprocess_styles_adds_training_images_only(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in images} == before
 
 
-
 @needs_tex
 def test_preprocess_style_weights_reach_the_build(tmp_path):
     d = tmp_path / "ds"
@@ -209,6 +208,7 @@ def test_preprocess_style_weights_reach_the_build(tmp_path):
                "--styles", "cm,times,cm-aa:1e6")
     extra = [ln.split()[0] for ln in read_lines(d / split_file("train")) if "_" in ln.split()[0]]
     assert extra and all(name.endswith("_cm-aa.png") for name in extra)
+
 
 def test_preprocess_unknown_style_is_a_one_line_error(tmp_path):
     p = run_script("preprocess.py", "--generate", "3", "--data_path", tmp_path / "o",
