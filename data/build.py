@@ -32,7 +32,7 @@ from data.layout import IMAGES_DIR, MAX_TRAIN_TOKENS, SPLITS, write_layout
 from data.normalize import NormalizeError, detokenize, normalize
 from data.recover import recover, train_style
 from data.render import RenderOptions, render_to_dir
-from data.styles import DEFAULT_STYLE, styles_for
+from data.styles import DEFAULT_STYLE, get_style, styles_for
 
 
 @dataclass(frozen=True)
@@ -76,8 +76,12 @@ class BuildReport:
 
 
 def image_name(stem: str, style: str) -> str:
-    """The PNG name of a formula's image in a style; the default style keeps the plain stem."""
-    return f"{stem}.png" if style == DEFAULT_STYLE else f"{stem}_{style}.png"
+    """The PNG name of a formula's image in a style; the default style keeps the plain stem,
+    and a corrected style (Style.revision) a new name, so older images are not reused."""
+    if style == DEFAULT_STYLE:
+        return f"{stem}.png"
+    revision = get_style(style).revision
+    return f"{stem}_{style}.png" if revision == 0 else f"{stem}_{style}.r{revision}.png"
 
 
 def image_stem(formula: str) -> str:

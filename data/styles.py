@@ -34,6 +34,10 @@ class Style:
     dpi: int | None = None  # rasterization resolution; None: RenderOptions.dpi
     binary: bool = True  # False: keep Ghostscript's anti-aliasing, as screens show math
     setup: str = ""  # TeX before every formula's display (a math version switch)
+    # Raised when a style's look is corrected: built datasets name their images with it
+    # (data/build.py image_name), so a rebuild renders the corrected look instead of reusing
+    # the old files that resuming would otherwise keep.
+    revision: int = 0
 
     def preamble(self) -> str:
         lines = [f"\\documentclass[{self.size}]{{article}}", "\\pagestyle{empty}",
@@ -58,6 +62,18 @@ def _text_font_math(package: str, family: str) -> tuple[str, ...]:
             "\\usepackage{sansmath}")
 
 
+# URW Gothic, the Avant Garde that the TeX packages substitute, draws [ and ] as round brackets
+# (its bracketleft is a parenthesis): a formula's [x] came out as (x) under a label that says [,
+# which no model can learn and the robustness row counted as the model's error. The style takes
+# its small square brackets from Helvetica instead; \left[ at larger sizes comes from cmex
+# as in every style.
+_SQUARE_BRACKETS = (
+    "\\DeclareSymbolFont{brackets}{OT1}{phv}{m}{n}",
+    "\\DeclareMathDelimiter{[}{\\mathopen}{brackets}{\"5B}{largesymbols}{\"02}",
+    "\\DeclareMathDelimiter{]}{\\mathclose}{brackets}{\"5D}{largesymbols}{\"03}",
+)
+
+
 STYLES: dict[str, Style] = {s.name: s for s in (
     Style("cm"),
     Style("times", ("\\usepackage{mathptmx}",)),
@@ -67,7 +83,8 @@ STYLES: dict[str, Style] = {s.name: s for s in (
     Style("euler", ("\\usepackage{euler}",)),
     Style("sans", _SANS, setup="\\sansmath "),
     Style("helvetica", ("\\usepackage[scaled=0.92]{helvet}", *_SANS), setup="\\sansmath "),
-    Style("avant", ("\\usepackage{avant}", *_SANS), setup="\\sansmath "),
+    Style("avant", ("\\usepackage{avant}", *_SANS, *_SQUARE_BRACKETS), setup="\\sansmath ",
+          revision=1),
     Style("bookman", _text_font_math("bookman", "pbk"), setup="\\sansmath "),
     Style("newcent", _text_font_math("newcent", "pnc"), setup="\\sansmath "),
     Style("charter", _text_font_math("charter", "bch"), setup="\\sansmath "),

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from data import render as R
-from data.build import image_stem
+from data.build import image_name, image_stem
 from data.layout import FORMULAS_FILE, IMAGES_DIR, read_lines, split_file
 from data.render import RenderOptions, render_formulas
 from data.styles import (
@@ -106,6 +106,39 @@ def test_text_font_styles_set_math_letters_in_the_font_but_leave_mathsf_alone():
         assert (cm_letters.shape != font_letters.shape
                 or np.abs(cm_letters.astype(int) - font_letters).sum() > 255 * 20), name
         assert cm_sans.shape == font_sans.shape and (cm_sans == font_sans).all(), name
+
+
+def _stem_share(img: np.ndarray) -> float:
+    """The longest vertical run of ink in any column, as a share of the glyph's height: a
+    square bracket's straight stem spans it all, a parenthesis's curve at most ~0.9."""
+    ink = img < 128
+    glyph = ink[ink.any(axis=1)]
+    best = 0
+    for column in glyph.T:
+        run = 0
+        for v in column:
+            run = run + 1 if v else 0
+            best = max(best, run)
+    return best / len(glyph)
+
+
+@needs_tex
+def test_every_style_draws_square_brackets_square():
+    """The label says [ where the image shows it: URW Gothic (avant) draws its brackets as
+    parentheses, so that style takes them from another font. Parentheses stay curved."""
+    for name in STYLES:
+        left, right, paren = render_formulas(["[", "]", "("], FAST, style=name)
+        assert _stem_share(left) >= 0.9 and _stem_share(right) >= 0.9, name
+        assert _stem_share(paren) < 0.9, name
+
+
+def test_a_corrected_style_gets_new_image_names():
+    """Images on disk are reused by name when a build reruns: a style whose look was corrected
+    (Style.revision) must not reuse the files of its old look."""
+    assert image_name("abc", "cm") == "abc.png"
+    assert image_name("abc", "times") == "abc_times.png"  # older builds keep their images
+    assert get_style("avant").revision == 1
+    assert image_name("abc", "avant") == "abc_avant.r1.png"
 
 
 def test_unknown_style_names_the_valid_ones():
