@@ -56,10 +56,28 @@ def _text_font_math(package: str, family: str) -> tuple[str, ...]:
     version takes its letters and digits from \\sfdefault when it is loaded; pointing that at
     the text font gives math in the font, as documents set in it (and word processors) show
     formulas. \\mathsf keeps its own font (the kernel declares it as cmss). Greek and symbols
-    stay Computer Modern, as they do with sansmath.
+    stay Computer Modern, as they do with sansmath (the capitals by _greek_capitals).
     """
     return (f"\\usepackage{{{package}}}", f"\\renewcommand{{\\sfdefault}}{{{family}}}",
-            "\\usepackage{sansmath}")
+            "\\usepackage{sansmath}", *_greek_capitals("cmr"))
+
+
+_CAPITALS = ("Gamma", "Delta", "Theta", "Lambda", "Xi", "Pi", "Sigma", "Upsilon", "Phi", "Psi",
+             "Omega")
+
+
+def _greek_capitals(family: str) -> tuple[str, ...]:
+    """Preamble lines that take the upright Greek capitals from a Computer Modern family.
+
+    Why: math takes \\Gamma ... \\Omega from slots 0-10 of the operators font, which sansmath
+    points at \\sfdefault; the psnfss text fonts (Helvetica, Avant Garde, Bookman, ...) have no
+    Greek there, and their virtual fonts draw each missing glyph as a filled box: every capital
+    came out as the same black square under eleven different labels. The capitals are fixed
+    symbols (\\mathord) so that \\mathbf or \\mathrm around one cannot reach a box again.
+    """
+    return (f"\\DeclareSymbolFont{{greekcapitals}}{{OT1}}{{{family}}}{{m}}{{n}}",
+            *(f"\\DeclareMathSymbol{{\\{name}}}{{\\mathord}}{{greekcapitals}}{{{k}}}"
+              for k, name in enumerate(_CAPITALS)))
 
 
 # URW Gothic, the Avant Garde that the TeX packages substitute, draws [ and ] as round brackets
@@ -82,13 +100,14 @@ STYLES: dict[str, Style] = {s.name: s for s in (
     Style("pxfonts", ("\\usepackage{pxfonts}",)),
     Style("euler", ("\\usepackage{euler}",)),
     Style("sans", _SANS, setup="\\sansmath "),
-    Style("helvetica", ("\\usepackage[scaled=0.92]{helvet}", *_SANS), setup="\\sansmath "),
-    Style("avant", ("\\usepackage{avant}", *_SANS, *_SQUARE_BRACKETS), setup="\\sansmath ",
-          revision=1),
-    Style("bookman", _text_font_math("bookman", "pbk"), setup="\\sansmath "),
-    Style("newcent", _text_font_math("newcent", "pnc"), setup="\\sansmath "),
-    Style("charter", _text_font_math("charter", "bch"), setup="\\sansmath "),
-    Style("utopia", _text_font_math("utopia", "put"), setup="\\sansmath "),
+    Style("helvetica", ("\\usepackage[scaled=0.92]{helvet}", *_SANS, *_greek_capitals("cmss")),
+          setup="\\sansmath ", revision=1),
+    Style("avant", ("\\usepackage{avant}", *_SANS, *_SQUARE_BRACKETS, *_greek_capitals("cmss")),
+          setup="\\sansmath ", revision=2),
+    Style("bookman", _text_font_math("bookman", "pbk"), setup="\\sansmath ", revision=1),
+    Style("newcent", _text_font_math("newcent", "pnc"), setup="\\sansmath ", revision=1),
+    Style("charter", _text_font_math("charter", "bch"), setup="\\sansmath ", revision=1),
+    Style("utopia", _text_font_math("utopia", "put"), setup="\\sansmath ", revision=1),
     Style("cm-text", display=False),
     Style("cm-10pt", size="10pt"),
     Style("cm-11pt", size="11pt"),
