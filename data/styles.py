@@ -48,22 +48,9 @@ class Style:
 _SANS = ("\\usepackage{sansmath}", "\\renewcommand{\\familydefault}{\\sfdefault}")
 
 
-def _text_font_math(package: str, family: str) -> tuple[str, ...]:
-    """Preamble lines that set math letters, digits and \\mathrm in a psnfss text font.
-
-    Why: Bookman, Charter and the other psnfss text fonts have no math fonts, so loading one
-    changes only the text, and a formula would still look Computer Modern. sansmath's math
-    version takes its letters and digits from \\sfdefault when it is loaded; pointing that at
-    the text font gives math in the font, as documents set in it (and word processors) show
-    formulas. \\mathsf keeps its own font (the kernel declares it as cmss). Greek and symbols
-    stay Computer Modern, as they do with sansmath (the capitals by _greek_capitals).
-    """
-    return (f"\\usepackage{{{package}}}", f"\\renewcommand{{\\sfdefault}}{{{family}}}",
-            "\\usepackage{sansmath}", *_greek_capitals("cmr"))
-
-
-_CAPITALS = ("Gamma", "Delta", "Theta", "Lambda", "Xi", "Pi", "Sigma", "Upsilon", "Phi", "Psi",
-             "Omega")
+# The upright capitals of OT1 slots 0-10, in slot order (the math fonts' \\Gamma ... \\Omega).
+GREEK_CAPITALS = ("Gamma", "Delta", "Theta", "Lambda", "Xi", "Pi", "Sigma", "Upsilon", "Phi",
+                  "Psi", "Omega")
 
 
 def _greek_capitals(family: str) -> tuple[str, ...]:
@@ -77,7 +64,21 @@ def _greek_capitals(family: str) -> tuple[str, ...]:
     """
     return (f"\\DeclareSymbolFont{{greekcapitals}}{{OT1}}{{{family}}}{{m}}{{n}}",
             *(f"\\DeclareMathSymbol{{\\{name}}}{{\\mathord}}{{greekcapitals}}{{{k}}}"
-              for k, name in enumerate(_CAPITALS)))
+              for k, name in enumerate(GREEK_CAPITALS)))
+
+
+def _text_font_math(package: str, family: str) -> tuple[str, ...]:
+    """Preamble lines that set math letters, digits and \\mathrm in a psnfss text font.
+
+    Why: Bookman, Charter and the other psnfss text fonts have no math fonts, so loading one
+    changes only the text, and a formula would still look Computer Modern. sansmath's math
+    version takes its letters and digits from \\sfdefault when it is loaded; pointing that at
+    the text font gives math in the font, as documents set in it (and word processors) show
+    formulas. \\mathsf keeps its own font (the kernel declares it as cmss). Greek and symbols
+    stay Computer Modern, as they do with sansmath (the capitals by _greek_capitals).
+    """
+    return (f"\\usepackage{{{package}}}", f"\\renewcommand{{\\sfdefault}}{{{family}}}",
+            "\\usepackage{sansmath}", *_greek_capitals("cmr"))
 
 
 # URW Gothic, the Avant Garde that the TeX packages substitute, draws [ and ] as round brackets

@@ -13,6 +13,7 @@ from data.layout import FORMULAS_FILE, IMAGES_DIR, read_lines, split_file
 from data.render import RenderOptions, render_formulas
 from data.styles import (
     DEFAULT_STYLE,
+    GREEK_CAPITALS,
     STYLES,
     Style,
     get_style,
@@ -145,8 +146,7 @@ def test_every_style_draws_the_greek_capitals():
     """The psnfss text fonts have no Greek: with sansmath pointing math at them, every capital
     came out as one black box under eleven labels. The styles take them from cm (a test that
     fails on the styles before that fix)."""
-    capitals = [rf"\{name}" for name in ("Gamma", "Delta", "Theta", "Lambda", "Xi", "Pi",
-                                          "Sigma", "Upsilon", "Phi", "Psi", "Omega")]
+    capitals = [rf"\{name}" for name in GREEK_CAPITALS]
     for name in STYLES:
         for tex, img in zip(capitals, render_formulas(capitals, FAST, style=name)):
             assert img is not None, (name, tex)
