@@ -5,6 +5,9 @@ or (--onnx) as ONNX graphs for the torch-free runtime (im2latex/onnx_backend.py)
     python export_model.py checkpoints/im2latex.pt --onnx checkpoints/im2latex_onnx
     python export_model.py runs/ft/last.pt averaged.pt --average checkpoints/im2latex.pt
                        # the mean of a fine-tuned model's weights and those it started from
+    python export_model.py checkpoints/im2latex.pt start.pt --cnn_widths 64 128 256 256 --seed 17
+                       # what `train.py --init_from checkpoints/im2latex.pt --cnn_widths 64 128
+                       # 256 256 --seed 17` starts from, to average that run with (--average)
 
 --average: the exported weights are the mean of SRC's and these checkpoints' (model/average.py:
 why, and which checkpoints can be averaged); give a path twice to weigh it twice.
@@ -14,10 +17,26 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from model.average import average_checkpoints
-from model.checkpoint import CheckpointError, export_weights
+from model.checkpoint import CheckpointError, export_weights, load_checkpoint, model_from_checkpoint
+from model.widen import WidenError, widen
+
+
+def grown_checkpoint(src: str, cnn_widths: list[int], seed: int) -> dict:
+    """SRC's checkpoint with its model grown to ``cnn_widths`` exactly as `train.py --init_from
+    SRC --cnn_widths ... --seed SEED` grows it (model/widen.py draws the new units from the
+    seed): the run's step 0. A grown run can only be averaged with weights of its own shape,
+    and this is the one that computes what SRC computes."""
+    ckpt = load_checkpoint(src)
+    model, _ = model_from_checkpoint(ckpt, source=src)
+    try:
+        model = widen(model, replace(model.cfg, cnn_widths=tuple(cnn_widths)), seed)
+    except WidenError as e:
+        raise CheckpointError(f"{src}: {e}") from None
+    return {**ckpt, "model": model.state_dict(), "model_config": model.cfg.to_dict()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,17 +50,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--average", nargs="+", metavar="CKPT", default=[],
                    help="export the mean of SRC's weights and these checkpoints' (one model, "
                         "fine-tuned from common weights)")
+    p.add_argument("--cnn_widths", type=int, nargs="+", metavar="N",
+                   help="export SRC grown to these conv widths (model/widen.py), as a run with "
+                        "`--init_from SRC --cnn_widths ... --seed` starts; needs --seed")
+    p.add_argument("--seed", type=int, help="with --cnn_widths: the run's --seed, from which "
+                   "the new units are drawn")
     args = p.parse_args(argv)
+    if args.cnn_widths and (args.seed is None or args.average or not args.dst):
+        p.error("--cnn_widths needs DST and --seed (the run's), and no --average: average the "
+                "run with the grown file afterwards")
     if not args.dst and not args.onnx:
         p.error("give DST, --onnx DIR, or both")
     if args.average and not args.dst:
         p.error("--average needs DST: the ONNX graphs are made from the averaged .pt written there")
     try:
         if args.dst:
-            averaged = average_checkpoints([args.src, *args.average]) if args.average else None
-            out = export_weights(args.src, args.dst, args.note, averaged)
+            changed = (average_checkpoints([args.src, *args.average]) if args.average else
+                       grown_checkpoint(args.src, args.cnn_widths, args.seed)
+                       if args.cnn_widths else None)
+            out = export_weights(args.src, args.dst, args.note, changed)
             size = Path(args.dst).stat().st_size / 2**20
-            mean = f"the mean of {1 + len(args.average)} checkpoints' weights, " if averaged else ""
+            mean = (f"the mean of {1 + len(args.average)} checkpoints' weights, " if args.average
+                    else f"grown to conv widths {args.cnn_widths}, " if args.cnn_widths else "")
             print(f"exported {mean}epoch {out['epoch']}, step {out['step']} -> {args.dst} "
                   f"({size:.1f} MiB)")
         if args.onnx:

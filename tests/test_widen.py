@@ -85,3 +85,35 @@ def test_train_init_from_grows_the_model(tiny_dataset, tiny_model, tmp_path):
                    "--init_from", tiny_model, "--enc_out_dim", "64", check=False)
     assert p.returncode == 1 and "enc_out_dim cannot change" in p.stderr
     assert "Traceback" not in p.stderr and not (tmp_path / "bad" / "last.pt").exists()
+
+
+def test_export_model_writes_the_grown_start_a_grown_run_averages_with(tiny_dataset, tiny_model,
+                                                                        tmp_path):
+    """`export_model.py --cnn_widths W --seed S` is the shape `train.py --init_from --cnn_widths W
+    --seed S` trains, computing what the small model computes, so the run's mean with it works."""
+    old = load_checkpoint(tiny_model)["model_config"]
+    widths = [w + 4 for w in old["cnn_widths"]]
+    start = tmp_path / "start.pt"
+    p = run_script("export_model.py", tiny_model, start, "--cnn_widths", *map(str, widths),
+                   "--seed", "7")
+    assert "grown to conv widths" in p.stdout
+    grown, _ = load_model(start)
+    small, _ = load_model(tiny_model)
+    assert list(grown.cfg.cnn_widths) == widths
+    imgs, tgt = _batch()
+    tgt = tgt.clamp(max=small.cfg.vocab_size - 1)
+    with torch.no_grad():  # half-precision export: equal up to its rounding
+        assert torch.allclose(grown(imgs, tgt), small(imgs, tgt), atol=0.05)
+    run_script("export_model.py", tiny_model, tmp_path / "s8.pt", "--cnn_widths",
+               *map(str, widths), "--seed", "8")
+    a, b = (load_checkpoint(f)["model"] for f in (start, tmp_path / "s8.pt"))
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the new units come from the seed
+    run = tmp_path / "run"
+    run_script("train.py", "--data_path", tiny_dataset, "--save_dir", run, "--init_from",
+               tiny_model, "--cnn_widths", *map(str, widths), "--seed", "7", "--max_steps", "1",
+               "--batch_size", "8", "--workers", "0", "--quiet", "--threads", "1")
+    p = run_script("export_model.py", run / "last.pt", tmp_path / "mean.pt", "--average", start)
+    assert "the mean of 2" in p.stdout
+    p = run_script("export_model.py", tiny_model, tmp_path / "x.pt", "--cnn_widths", "4",
+                   check=False)
+    assert p.returncode == 2 and "--seed" in p.stderr and not (tmp_path / "x.pt").exists()
