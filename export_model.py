@@ -70,9 +70,9 @@ def main(argv: list[str] | None = None) -> int:
                        if args.cnn_widths else None)
             out = export_weights(args.src, args.dst, args.note, changed)
             size = Path(args.dst).stat().st_size / 2**20
-            mean = (f"the mean of {1 + len(args.average)} checkpoints' weights, " if args.average
-                    else f"grown to conv widths {args.cnn_widths}, " if args.cnn_widths else "")
-            print(f"exported {mean}epoch {out['epoch']}, step {out['step']} -> {args.dst} "
+            how = (f"the mean of {1 + len(args.average)} checkpoints' weights, " if args.average
+                   else f"grown to conv widths {args.cnn_widths}, " if args.cnn_widths else "")
+            print(f"exported {how}epoch {out['epoch']}, step {out['step']} -> {args.dst} "
                   f"({size:.1f} MiB)")
         if args.onnx:
             from im2latex.onnx_export import export_onnx  # torch.onnx only when asked

@@ -114,6 +114,12 @@ def test_export_model_writes_the_grown_start_a_grown_run_averages_with(tiny_data
                "--batch_size", "8", "--workers", "0", "--quiet", "--threads", "1")
     p = run_script("export_model.py", run / "last.pt", tmp_path / "mean.pt", "--average", start)
     assert "the mean of 2" in p.stdout
+    # the run's step 0 is the start of the same seed: one small step away from it, while the
+    # fresh units of another seed are far (compared on the conv weights, which the growth drew)
+    trained = load_checkpoint(run / "last.pt")["model"]
+    conv = [k for k in a if k.startswith("encoder.") and a[k].dim() == 4]
+    assert max((trained[k] - a[k].float()).abs().max().item() for k in conv) < 0.01
+    assert max((trained[k] - b[k].float()).abs().max().item() for k in conv) > 0.05
     p = run_script("export_model.py", tiny_model, tmp_path / "x.pt", "--cnn_widths", "4",
                    check=False)
     assert p.returncode == 2 and "--seed" in p.stderr and not (tmp_path / "x.pt").exists()
