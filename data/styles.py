@@ -114,9 +114,12 @@ STYLES: dict[str, Style] = {s.name: s for s in (
     Style("cm-11pt", size="11pt"),
     Style("cm-100dpi", dpi=100),
     Style("cm-300dpi", dpi=300),
-    # Anti-aliased at the output resolution, as a screen draws a formula.
+    # Anti-aliased at the output resolution, as a screen draws a formula. times-aa is the
+    # robustness table's held-out one; palatino-aa gives training soft serif glyphs other than
+    # cm's (with cm-aa alone in training, times-aa stayed far below clean: docs/training.md).
     Style("cm-aa", dpi=100, binary=False),
     Style("times-aa", ("\\usepackage{mathptmx}",), dpi=100, binary=False),
+    Style("palatino-aa", ("\\usepackage{mathpazo}",), dpi=100, binary=False),
 )}
 
 

@@ -74,6 +74,7 @@ def test_each_variation_changes_what_it_names(rendered):
 
     assert gray_share(rendered["cm-aa"]) > gray_share(rendered["cm"]) + 0.1
     assert gray_share(rendered["times-aa"]) > gray_share(rendered["times"]) + 0.1
+    assert gray_share(rendered["palatino-aa"]) > gray_share(rendered["palatino"]) + 0.1
 
     def darkness(img: np.ndarray) -> float:  # ink per unit of box: stroke weight
         return float((255 - img.astype(float)).sum() / np.prod(ink_box(img)))
