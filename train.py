@@ -27,7 +27,7 @@ from training import RunError
 from training.config import TrainConfig, parse_args
 from training.distributed import Dist
 from training.loop import Trainer, end_epoch, train_one_epoch, validate
-from training.runtime import bf16_is_native, use_tf32_on_cuda
+from training.runtime import bf16_is_native, keep_freed_memory, use_tf32_on_cuda
 from training.schedule import make_schedule
 from training.start import load_data, place, restore_optimizer, start_run, wrap
 from training.state import RunState
@@ -35,6 +35,7 @@ from training.state import RunState
 
 def main(argv: list[str] | None = None) -> int:
     cfg, given = parse_args(argv, description=__doc__)
+    keep_freed_memory()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     d = Dist(cfg.device)

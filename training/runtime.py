@@ -5,11 +5,14 @@ Only training and the training benchmarks use them: inference runs the model in 
 autocast or TF32, so `im2latex/`, `serve.py` and `inference.py` never import this module.
 """
 
+import ctypes
+import sys
 from pathlib import Path
 
 import torch
 
 CPUINFO = Path("/proc/cpuinfo")
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's <malloc.h> parameter numbers
 
 
 def use_tf32_on_cuda() -> None:
@@ -35,3 +38,25 @@ def bf16_is_native(device: torch.device | str) -> bool:
     except OSError:
         return False
     return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for the next step instead of handing it back to
+    the kernel. Returns whether it applied (False off glibc, where there is no `mallopt`).
+
+    Why: a training step's activation buffers are tens of MB, and their sizes change with each
+    batch's length bucket. glibc serves blocks above its mmap threshold (which adapts, but to
+    32 MiB at most) with a fresh `mmap` and `munmap`s them when freed, so every step faults its
+    pages in again and zeroes them: a quarter of the CPU went to the kernel in stage 12's runs
+    (docs/performance.md). With no mmap'd blocks and no trimming, the heap grows once to the
+    step's peak and is reused; the process holds its peak, which it reaches every step anyway.
+    A process-wide setting, so train.py calls it, not the model; another allocator
+    (jemalloc by `LD_PRELOAD`) leaves glibc's unused and this call without effect."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
