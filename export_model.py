@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 from model.average import average_checkpoints
 from model.checkpoint import CheckpointError, export_weights, load_checkpoint, model_from_checkpoint
-from model.widen import WidenError, widen
+from model.widen import WidenError, grown
 
 
 def grown_checkpoint(src: str, cnn_widths: list[int], seed: int) -> dict:
@@ -33,7 +32,7 @@ def grown_checkpoint(src: str, cnn_widths: list[int], seed: int) -> dict:
     ckpt = load_checkpoint(src)
     model, _ = model_from_checkpoint(ckpt, source=src)
     try:
-        model = widen(model, replace(model.cfg, cnn_widths=tuple(cnn_widths)), seed)
+        model = grown(model, {"cnn_widths": tuple(cnn_widths)}, seed)
     except WidenError as e:
         raise CheckpointError(f"{src}: {e}") from None
     return {**ckpt, "model": model.state_dict(), "model_config": model.cfg.to_dict()}

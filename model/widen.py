@@ -23,6 +23,7 @@ channels would change the features the old ones carry. The vocabulary grows sepa
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -55,6 +56,16 @@ def check_growth(old: ModelConfig, new: ModelConfig) -> None:
 
 def _shown(value: object) -> str:
     return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def grown(model: Im2Latex, options: dict[str, Any], seed: int) -> Im2Latex:
+    """`model` with the config fields in `options` set (model options given on a command line):
+    widened where they change its shape or dropout, `model` itself where they change nothing.
+    The one rule by which a run (`train.py --init_from CKPT --cnn_widths ... --seed S`) and
+    export_model.py's grown start turn a checkpoint into the run's step 0, so that the two are
+    the same weights and can be averaged. Raises WidenError."""
+    wanted = replace(model.cfg, **options)
+    return model if wanted == model.cfg else widen(model, wanted, seed)
 
 
 def widen(model: Im2Latex, cfg: ModelConfig, seed: int = 0) -> Im2Latex:

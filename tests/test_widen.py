@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from model.checkpoint import load_checkpoint, load_model
 from model.im2latex import Im2Latex, ModelConfig
-from model.widen import WidenError, widen
+from model.widen import WidenError, grown, widen
 from tests.conftest import run_script
 
 SMALL = ModelConfig(vocab_size=30, emb_dim=8, dec_rnn_h=16, enc_out_dim=16,
@@ -69,6 +69,22 @@ def test_new_units_learn():
 def test_a_shape_that_is_not_a_growth_is_refused(sizes, message):
     with pytest.raises(WidenError, match=message):
         widen(Im2Latex(SMALL), replace(SMALL, **sizes))
+
+
+def test_grown_changes_only_what_the_options_change():
+    """The rule train.py --init_from and export_model.py --cnn_widths share: no options, or
+    options equal to the model's, leave the model itself; a growth is widen's, from the seed."""
+    model = _trained_looking(SMALL)
+    assert grown(model, {}, 3) is model
+    assert grown(model, {"cnn_widths": SMALL.cnn_widths}, 3) is model
+    big = grown(model, {"cnn_widths": (6, 8, 12, 16)}, 3)
+    ref = widen(model, replace(SMALL, cnn_widths=(6, 8, 12, 16)), 3)
+    assert big.cfg == ref.cfg and big.cfg.vocab_size == SMALL.vocab_size
+    assert all(torch.equal(a, b) for a, b in zip(big.state_dict().values(),
+                                                 ref.state_dict().values()))
+    assert grown(model, {"dropout": 0.3}, 3).cfg.dropout == 0.3
+    with pytest.raises(WidenError, match="narrower"):
+        grown(model, {"dec_rnn_h": 8}, 3)
 
 
 def test_train_init_from_grows_the_model(tiny_dataset, tiny_model, tmp_path):

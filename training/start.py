@@ -22,7 +22,7 @@ from model.batch_norm import to_global_batch_norm
 from model.checkpoint import BEST, LAST, load_checkpoint, model_from_checkpoint
 from model.im2latex import Im2Latex
 from model.selection import Selection
-from model.widen import WidenError, widen
+from model.widen import WidenError, grown
 from training import RunError
 from training.config import MODEL_OPTIONS, TrainConfig
 from training.distributed import Dist
@@ -98,16 +98,14 @@ def init_from(path: str, data_vocab: Vocab, d: Dist, sizes: dict[str, Any] | Non
     data has and the model lacks are appended to its vocabulary, so their rows are new and every
     trained row keeps its id."""
     model, vocab = model_from_checkpoint(load_checkpoint(path), source=path)
-    wanted = replace(model.cfg, **(sizes or {}))
-    if wanted != model.cfg:
-        before = sum(p.numel() for p in model.parameters())
-        try:
-            model = widen(model, wanted, seed)
-        except WidenError as e:
-            raise RunError(f"--init_from {path}: {e}") from None
-        after = sum(p.numel() for p in model.parameters())
-        if after != before:  # else only the dropout changed
-            d.log(f"init_from: the model grown from {before:,} to {after:,} parameters")
+    before = sum(p.numel() for p in model.parameters())
+    try:
+        model = grown(model, sizes or {}, seed)
+    except WidenError as e:
+        raise RunError(f"--init_from {path}: {e}") from None
+    after = sum(p.numel() for p in model.parameters())
+    if after != before:  # else nothing or only the dropout changed
+        d.log(f"init_from: the model grown from {before:,} to {after:,} parameters")
     extended = vocab.extended(data_vocab.tokens)
     if len(extended) > len(vocab):
         d.log(f"init_from: vocabulary extended by {len(extended) - len(vocab)} tokens "
