@@ -47,9 +47,9 @@ def keep_freed_memory() -> bool:
     Why: a training step's activation buffers are tens of MB, and their sizes change with each
     batch's length bucket. glibc serves blocks above its mmap threshold (which adapts, but to
     32 MiB at most) with a fresh `mmap` and `munmap`s them when freed, so every step faults its
-    pages in again and zeroes them: a quarter of the CPU went to the kernel in stage 12's runs
-    (docs/performance.md). With no mmap'd blocks and no trimming, the heap grows once to the
-    step's peak and is reused; the process holds its peak, which it reaches every step anyway.
+    pages in again and the kernel zeroes them, worst when two training processes do it at once
+    (measured: docs/performance.md). With no mmap'd blocks and no trimming, the heap grows to
+    the largest bucket's peak and is reused; the process holds that peak between steps.
     A process-wide setting, so train.py calls it, not the model; another allocator
     (jemalloc by `LD_PRELOAD`) leaves glibc's unused and this call without effect."""
     if not sys.platform.startswith("linux"):
