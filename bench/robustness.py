@@ -4,6 +4,8 @@ condition: BLEU-4 and exact match over the same formulas.
     python bench/robustness.py                           # shipped model, 200 test formulas, beam 5
     python bench/robustness.py --n 50 --beam_size 1 --conditions clean screenshot val_images
     python bench/robustness.py --split val --json out.json
+    python bench/robustness.py --split val --conditions clean low_res --errors 20
+                                        # what low_res readings change from the clean ones
 
 Formulas are the first N of the real IM2LATEX-100K test (or, --split val, validation) formulas:
 never training formulas. It is a report, not a tuning target; validation formulas decide.
@@ -44,6 +46,7 @@ from data.metrics import text_scores  # noqa: E402
 from data.normalize import detokenize  # noqa: E402
 from data.render import RenderError, RenderOptions, render_formulas  # noqa: E402
 from data.styles import DEFAULT_STYLE, STYLES  # noqa: E402
+from data.token_edits import KINDS, summarize  # noqa: E402
 from im2latex.api import Prediction, Reader  # noqa: E402
 from im2latex.decoding import MAX_LEN  # noqa: E402
 from model.checkpoint import DEFAULT_MODEL  # noqa: E402
@@ -63,6 +66,9 @@ class Row:
     images: list[tuple[np.ndarray, ...] | None] = field(default_factory=list)  # readings
     refs: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # each image's formula position among the first N (rows made from renders): pairs a row's
+    # readings with the clean row's for --errors
+    ids: list[int] = field(default_factory=list)
 
 
 def style_names() -> list[str]:
@@ -108,12 +114,18 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--errors", type=int, default=0, metavar="TOP",
+                   help="after the table, what each rendered row's readings change from the "
+                        "clean row's, by kind (accent, font, sized delimiter, ...; "
+                        "data/token_edits.py), with its TOP most frequent edits")
     p.add_argument("--no_normalize", dest="normalize", action="store_false",
                    help="feed every image as it is, not through normalize_user_image: beside "
                         "the default table, says which rows normalization helps or costs")
     args = p.parse_args(argv)
     if args.n < 1:
         p.error("--n must be at least 1")
+    if args.errors < 0:
+        p.error("--errors must be 0 (off) or more")
     return args
 
 
@@ -176,6 +188,7 @@ def rendered_rows(names: list[str], formulas: list[str], seed: int, quiet: bool,
                 save_example(save, name, i, data)
                 row.images.append(user_input(data, f"{name}/{i}", normalize))
                 row.refs.append(ref)
+                row.ids.append(i)
             rows.append(row)
     return rows
 
@@ -253,6 +266,33 @@ def format_table(table: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def error_report(rows: list[Row], preds: list[list[Prediction | None]], top: int) -> str:
+    """For each row made from renders, the edits that turn the clean image's reading of a
+    formula into the row's (data/token_edits.py): whether a row's gap is marks its pixels no
+    longer show (accents, font switches, delimiter sizes) or glyphs misread. Refused images
+    and formulas without a clean reading are left out (the table counts them)."""
+    clean_row, clean_preds = next((r, p) for r, p in zip(rows, preds) if r.name == "clean")
+    clean = {i: p.latex.split() for i, p in zip(clean_row.ids, clean_preds) if p is not None}
+    lines = []
+    for row, p in zip(rows, preds):
+        if row.name == "clean" or not row.ids:
+            continue
+        pairs = [(clean[i], x.latex.split()) for i, x in zip(row.ids, p)
+                 if x is not None and i in clean]
+        s = summarize(pairs)
+        per = 100 / max(s.tokens, 1)
+        lines.append(f"{row.name}: {sum(s.by_kind.values())} edits from the clean readings of "
+                     f"{len(pairs)} formulas ({s.tokens} tokens)")
+        lines.append(f"  {'kind':<16} {'edits':>6} {'tokens':>6} {'per 100 tokens':>15}")
+        for kind in KINDS:
+            lines.append(f"  {kind:<16} {s.by_kind[kind]:>6} {s.tokens_by_kind[kind]:>6} "
+                         f"{s.tokens_by_kind[kind] * per:>15.2f}")
+        for e, n in s.edits.most_common(top):
+            lines.append(f"  {n:>4} x  {' '.join(e.a) or '(nothing)'}  ->  "
+                         f"{' '.join(e.b) or '(nothing)'}   [{e.kind}]")
+    return "\n".join(lines)
+
+
 def mean_bleu(table: list[dict]) -> float:
     """One figure to compare models by: every condition counts the same, whatever its size,
     since each row is a kind of input a user may bring (docs/training.md's robustness mean)."""
@@ -265,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         names = check_conditions(args.conditions)
+        if args.errors and "clean" not in names:
+            raise ValueError("--errors compares each row with the clean row: add clean to "
+                             "--conditions")
         rendered = [n for n in names if n != VAL_IMAGES]
         formulas = read_formulas(args) if rendered else []
         rows = rendered_rows(rendered, formulas, args.seed, args.quiet, args.examples,
@@ -276,11 +319,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     order = {n: k for k, n in enumerate(names)}
     rows.sort(key=lambda r: order[r.name])
-    table = score(rows, decode(rows, args) if rows else [])
+    preds = decode(rows, args) if rows else []
+    table = score(rows, preds)
     print(f"model {args.model_path}, beam {args.beam_size}, first {args.n} "
           f"{args.formulas or args.split} formulas, seed {args.seed}"
           + ("" if args.normalize else ", images fed as they are (--no_normalize)"))
     print(format_table(table))
+    if args.errors:
+        print(error_report(rows, preds, args.errors))
     if args.json:
         doc = {"model_path": str(args.model_path), "beam_size": args.beam_size, "n": args.n,
                "formulas": str(args.formulas or args.split), "seed": args.seed,
