@@ -18,6 +18,10 @@ from rapidfuzz.distance import Indel
 
 from data.spelling import ACCENTS, COMMAND_OF
 
+# Every mark drawn over or under its argument: the references' braced accents and the wide ones
+# that spelling.ACCENTS leaves out (a bracing rule, not a list of accents).
+ACCENT_MARKS = ACCENTS | frozenset(("\\widehat", "\\widetilde", "\\overrightarrow",
+                                    "\\overleftarrow", "\\overbrace", "\\underbrace"))
 FONT_SWITCHES = frozenset(COMMAND_OF) | frozenset(COMMAND_OF.values()) | frozenset(
     ("\\mathbb", "\\boldsymbol", "\\mathfrak", "\\mathscr", "\\textbf", "\\textrm", "\\text"))
 # Sized delimiters: the size is all that tells `\left(` from `(`, and it is a few pixels.
@@ -48,7 +52,7 @@ class Edit:
 
 def token_kind(token: str) -> str:
     """The kind of mark a token stands for (KINDS); everything not named is a glyph."""
-    if token in ACCENTS:
+    if token in ACCENT_MARKS:
         return "accent"
     if token in FONT_SWITCHES:
         return "font"

@@ -11,7 +11,7 @@ from im2latex.prediction import Prediction
 
 
 @pytest.mark.parametrize("token,kind", [
-    ("\\bar", "accent"), ("\\widetilde", "glyph"), ("\\tilde", "accent"),
+    ("\\bar", "accent"), ("\\widetilde", "accent"), ("\\tilde", "accent"),
     ("\\cal", "font"), ("\\mathrm", "font"), ("\\mathbb", "font"),
     ("\\left(", "sized delimiter"), ("\\right.", "sized delimiter"), ("\\Big", "sized delimiter"),
     ("\\leftarrow", "glyph"), ("\\rightarrow", "glyph"), ("\\bigcup", "glyph"),
