@@ -15,6 +15,9 @@ Rows (--conditions picks a subset; all by default):
   style:NAME        the formula rendered in another style of data/styles.py (fonts, sizes,
                     resolutions, anti-aliasing), as it is: a new style is a new row
   val_images        the other pipeline's renders of validation formulas (val.matching.txt)
+  scale:F           only when named: our render resampled by F and left so (low_res is
+                    scale:0.6); `--conditions clean scale:0.9 scale:0.8 scale:0.7` reads
+                    BLEU-4 against glyph size
 Every image goes the way a user's file does in inference.py: image file bytes -> load_image ->
 normalize_user_image -> model_input. An image that normalization refuses scores as an empty
 prediction (the user gets nothing); a formula that fails to render is left out of that row.
@@ -38,7 +41,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from data.conditions import CONDITIONS  # noqa: E402
+from data.conditions import CONDITIONS, SCALE_PREFIX, condition  # noqa: E402
 from data.files import atomic_write  # noqa: E402
 from data.image import ImageError, read_user_readings  # noqa: E402
 from data.layout import read_lines, read_matching  # noqa: E402
@@ -130,14 +133,19 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_conditions(requested: list[str] | None) -> list[str]:
-    """The conditions to run, in the table's order; an unknown name is an error."""
+    """The conditions to run, in the table's order, then any scale rows in the order asked;
+    an unknown name is an error."""
     known = known_conditions()
     if requested is None:
         return known
-    unknown = [n for n in requested if n not in known]
+    scales = list(dict.fromkeys(n for n in requested if n.startswith(SCALE_PREFIX)))
+    for name in scales:
+        condition(name)  # raises ValueError for a factor that is not a number in range
+    unknown = [n for n in requested if n not in known and n not in scales]
     if unknown:
-        raise ValueError(f"unknown condition {unknown[0]!r} (known: {', '.join(known)})")
-    return [n for n in known if n in requested]
+        raise ValueError(f"unknown condition {unknown[0]!r} (known: {', '.join(known)}, "
+                         f"{SCALE_PREFIX}F)")
+    return [n for n in known if n in requested] + scales
 
 
 def read_formulas(args: argparse.Namespace) -> list[str]:
@@ -170,15 +178,15 @@ def rendered_rows(names: list[str], formulas: list[str], seed: int, quiet: bool,
     (its clean look). Each condition's randomness depends on the seed, its name and the
     formula's position only, so a row is the same whatever else runs with it."""
     rows: list[Row] = []
-    transforms = [n for n in names if n in CONDITIONS]
+    transforms = [n for n in names if condition(n) is not None]
     sources = [(DEFAULT_STYLE, transforms)] if transforms else []
     sources += [(n[len(STYLE_PREFIX):], [n]) for n in names if n.startswith(STYLE_PREFIX)]
     for style, row_names in sources:
         clean = render(formulas, style, quiet)
         failed = sum(img is None for img in clean)
         for name in row_names:
-            cond = CONDITIONS.get(name, CONDITIONS["clean"])
-            row = Row(name, cond.description if name in CONDITIONS else style_description(style))
+            cond = condition(name)
+            row = Row(name, cond.description if cond else style_description(style))
             if failed:
                 row.notes.append(f"{failed} of {len(formulas)} formulas did not render")
             for i, (img, ref) in enumerate(zip(clean, formulas)):
@@ -196,7 +204,7 @@ def rendered_rows(names: list[str], formulas: list[str], seed: int, quiet: bool,
 def condition_file(name: str, img: np.ndarray, i: int, seed: int) -> bytes:
     """Row `name`'s image file of the i-th formula's render: its condition (the clean one for a
     style row) drawn from randomness that depends on the seed, the row's name and i only."""
-    cond = CONDITIONS.get(name, CONDITIONS["clean"])
+    cond = condition(name) or CONDITIONS["clean"]
     return cond.make(img, np.random.default_rng([seed, zlib.crc32(name.encode()), i]))
 
 

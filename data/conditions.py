@@ -43,9 +43,10 @@ def _screenshot(img: np.ndarray, rng: Rng) -> bytes:
     return encode(recolor(page, ink=20, paper=225), "JPEG", quality=75)
 
 
-def _low_resolution(img: np.ndarray, rng: Rng) -> bytes:
-    # Left small, as a low-resolution screenshot is: normalization has to upscale it.
-    return encode(rescale(img, 0.6))
+def _scaled(factor: float) -> Callable[[np.ndarray, Rng], bytes]:
+    # Resampled and left at that size, as a screenshot at another zoom is: normalization has to
+    # bring it to the training scale. Below 1 it is a low-resolution image.
+    return lambda img, rng: encode(rescale(img, factor))
 
 
 def _noise(img: np.ndarray, rng: Rng) -> bytes:
@@ -64,8 +65,41 @@ def _blur(img: np.ndarray, rng: Rng) -> bytes:
 CONDITIONS: dict[str, Condition] = {c.name: c for c in (
     Condition("clean", "our render (Computer Modern, the training look)", _clean),
     Condition("screenshot", "x1.6 LANCZOS, uneven margins, gray page, JPEG q75", _screenshot),
-    Condition("low_res", "x0.6 LANCZOS (left small)", _low_resolution),
+    Condition("low_res", "x0.6 LANCZOS (left small)", _scaled(0.6)),
     Condition("noise", "uneven margins, gaussian noise sigma 15", _noise),
     Condition("inverted", "light ink (230) on a dark page (30)", _inverted),
     Condition("blur", "gaussian blur radius 1 px", _blur),
 )}
+
+
+# ------------------------------------------------------------------- rows at any scale
+
+SCALE_PREFIX = "scale:"
+SCALE_RANGE = (0.2, 4.0)
+
+
+def scaled(factor: float) -> Condition:
+    """The clean render resampled by ``factor`` (LANCZOS) and left at that size: low_res (0.6)
+    at any factor. Not in the default table (a row means one thing across runs); asked for by
+    name, ``scale:0.7``, a few of them draw reading against glyph size, which says at what size
+    a model stops reading where the one low_res row only says how far it falls at 0.6."""
+    low, high = SCALE_RANGE
+    if not low <= factor <= high:
+        raise ValueError(f"a scale row's factor must be in [{low:g}, {high:g}], got {factor:g}")
+    return Condition(f"{SCALE_PREFIX}{factor:g}", f"x{factor:g} LANCZOS (left at that size)",
+                     _scaled(factor))
+
+
+def condition(name: str) -> Condition | None:
+    """The condition called `name`: one of CONDITIONS or a ``scale:F`` row; None for neither.
+    Raises ValueError for a scale row whose factor is not a number in SCALE_RANGE."""
+    if name in CONDITIONS:
+        return CONDITIONS[name]
+    if not name.startswith(SCALE_PREFIX):
+        return None
+    try:
+        factor = float(name[len(SCALE_PREFIX):])
+    except ValueError:
+        raise ValueError(f"{name!r}: a scale row is scale:F with F a number, e.g. scale:0.7"
+                         ) from None
+    return scaled(factor)

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from bench import robustness
-from data.conditions import CONDITIONS
+from data.conditions import CONDITIONS, condition
 from data.image import ImageError, load_image, model_input, normalize_user_image
 from tests.conftest import HAVE_TEX
 
@@ -64,6 +64,31 @@ def test_unknown_condition_is_a_one_line_error(capsys):
     assert robustness.main(["--conditions", "clean", "no_such_thing"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "no_such_thing" in err and "screenshot" in err
+
+
+def test_scale_rows_resample_at_any_factor_and_low_res_is_one_of_them():
+    clean = formula_like()
+    rng = np.random.default_rng(0)
+    for factor in (0.5, 0.8, 1.5):
+        data = condition(f"scale:{factor}").make(clean, rng)
+        h, w = np.asarray(Image.open(io.BytesIO(data))).shape
+        assert (h, w) == (round(40 * factor), round(200 * factor))
+    assert condition("scale:0.6").make(clean, rng) == CONDITIONS["low_res"].make(clean, rng)
+    assert condition("no_such_thing") is None
+
+
+@pytest.mark.parametrize("name", ["scale:", "scale:small", "scale:0.1", "scale:9", "scale:nan"])
+def test_a_scale_row_needs_a_factor_in_range(name, capsys):
+    with pytest.raises(ValueError, match="scale"):
+        robustness.check_conditions(["clean", name])
+    assert robustness.main(["--conditions", "clean", name]) == 1
+    assert capsys.readouterr().err.strip().count("\n") == 0
+
+
+def test_scale_rows_follow_the_table_in_the_order_asked():
+    asked = ["scale:0.8", "low_res", "clean", "scale:0.7", "scale:0.8"]
+    assert robustness.check_conditions(asked) == ["clean", "low_res", "scale:0.8", "scale:0.7"]
+    assert not any(n.startswith("scale:") for n in robustness.known_conditions())  # opt-in
 
 
 def test_every_style_has_a_row():
