@@ -133,15 +133,15 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_conditions(requested: list[str] | None) -> list[str]:
-    """The conditions to run, in the table's order, then any scale rows in the order asked;
-    an unknown name is an error."""
+    """The conditions to run, in the table's order, then any scale rows in the order asked
+    (each once, spelled as its condition names it: scale:0.70 is scale:0.7); an unknown name
+    or a scale row's bad factor is an error."""
     known = known_conditions()
     if requested is None:
         return known
-    scales = list(dict.fromkeys(n for n in requested if n.startswith(SCALE_PREFIX)))
-    for name in scales:
-        condition(name)  # raises ValueError for a factor that is not a number in range
-    unknown = [n for n in requested if n not in known and n not in scales]
+    scales = list(dict.fromkeys(c.name for n in requested
+                                if n.startswith(SCALE_PREFIX) and (c := condition(n))))
+    unknown = [n for n in requested if n not in known and not n.startswith(SCALE_PREFIX)]
     if unknown:
         raise ValueError(f"unknown condition {unknown[0]!r} (known: {', '.join(known)}, "
                          f"{SCALE_PREFIX}F)")

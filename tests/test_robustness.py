@@ -86,7 +86,7 @@ def test_a_scale_row_needs_a_factor_in_range(name, capsys):
 
 
 def test_scale_rows_follow_the_table_in_the_order_asked():
-    asked = ["scale:0.8", "low_res", "clean", "scale:0.7", "scale:0.8"]
+    asked = ["scale:0.8", "low_res", "clean", "scale:0.7", "scale:0.80"]
     assert robustness.check_conditions(asked) == ["clean", "low_res", "scale:0.8", "scale:0.7"]
     assert not any(n.startswith("scale:") for n in robustness.known_conditions())  # opt-in
 
