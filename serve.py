@@ -48,7 +48,7 @@ from pydantic import BaseModel, Field
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from data.image import ImageError, load_image, model_input, normalized_readings
+from data.image import ImageError, load_image, model_readings, normalized_readings
 from data.normalize import detokenize
 from data.render import RenderError, RenderOptions, render_formulas
 from data.spelling import OUTPUT_HELP, OUTPUT_SPELLINGS
@@ -315,7 +315,7 @@ class UploadReader:
         except ImageError:
             raise UploadError(415, NOT_AN_IMAGE) from None
         try:
-            readings = tuple(model_input(x) for x in normalized_readings(img))
+            readings = model_readings(normalized_readings(img))
         except ImageError as e:  # blank page, nothing that looks like ink
             raise UploadError(422, str(e)) from None
         pred = self.reader.decode([readings], beam_size=beam_size)[0]

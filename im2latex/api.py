@@ -24,7 +24,7 @@ from typing import Protocol, overload
 import numpy as np
 from PIL import Image
 
-from data.image import ImageError, ImageSource, read_user_image, read_user_readings
+from data.image import ImageError, ImageSource, Readings, read_user_image, read_user_readings
 from data.spelling import SPELLINGS, respell
 from data.vocab import Vocab
 from im2latex.confidence import Calibration, calibration_path, find_calibration
@@ -51,6 +51,8 @@ ModelInput = np.ndarray | tuple[np.ndarray, ...]
 # scale picks the wrong reading of a genuinely small image about one time in five. The same
 # margin serves the reading of merged small glyphs (stage 5): the 4 it let through all read
 # better, and the wrong alternatives of anti-aliased renders came within 0.02 of it at most.
+# Readings that the pixels favour evenly (data.image.Readings.even: an image at the low edge of
+# the pass-through window, also read resampled) need no margin: the surer wins (stage 17).
 SECOND_READING_MARGIN = 0.2
 
 
@@ -215,7 +217,7 @@ class Reader:
                ) -> list[Prediction | None]:
         """Predictions for model inputs (`prepare`, or `readings`), in order, in batches of one
         image size. Of an image's readings every one is decoded and the first is kept unless
-        a later one scores SECOND_READING_MARGIN higher.
+        a later one scores SECOND_READING_MARGIN higher (any higher, for even Readings).
 
         A batch that fails (out of memory, say) is retried one image at a time, so that only
         an image that cannot be decoded alone is lost: it is passed to `on_error(index, error)`
@@ -237,7 +239,8 @@ class Reader:
                 raise errors[i]
             if not got:
                 on_error(i, errors[i])
-            out.append(_judged(got) if got else None)
+            even = isinstance(images[i], Readings) and images[i].even
+            out.append(_judged(got, 0.0 if even else SECOND_READING_MARGIN) if got else None)
         return out
 
     def _decode_flat(self, images: Sequence[np.ndarray], beam_size: int | None,
@@ -274,12 +277,12 @@ def _check_source(src: object) -> None:
                         "bytes, a PIL image or a numpy array (several: a list of them)")
 
 
-def _judged(found: list[tuple[int, Prediction]]) -> Prediction:
+def _judged(found: list[tuple[int, Prediction]], margin: float) -> Prediction:
     """Of (reading index, prediction) pairs, the first that decoded, or the best-scoring later
-    one where it clears that by SECOND_READING_MARGIN; marked with its reading."""
+    one where it clears that by margin; marked with its reading."""
     (k, pred), rest = found[0], found[1:]
     best = max(rest, key=lambda kp: kp[1].score, default=None)
-    if best is not None and best[1].score >= pred.score + SECOND_READING_MARGIN:
+    if best is not None and best[1].score >= pred.score + margin:
         k, pred = best
     return replace(pred, reading=k)
 

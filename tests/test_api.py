@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.image import ImageError
+from data.image import ImageError, Readings
 from im2latex import Prediction, Reader
 from im2latex.api import SECOND_READING_MARGIN
 from tests.conftest import HAVE_TEX, ROOT, run_script
@@ -193,6 +193,16 @@ def test_a_second_reading_is_kept_only_when_the_model_reads_it_much_more_surely(
     assert [(p.latex, p.reading) for p in preds] == [("160", 1), ("120", 0), ("200", 0),
                                                       ("240", 0)]
     assert preds[0].score == pytest.approx(-0.35)  # the kept reading's own score
+
+
+def test_even_readings_keep_whichever_the_model_reads_more_surely():
+    """Readings that the pixels favour evenly (an image at the low edge of the pass-through
+    window and the same image resampled) need no margin: the surer wins, even by a little."""
+    reader = Reader(backend=ScoredBackend(), batch_size=4)
+    slightly = (scored(120, -0.6), scored(160, -0.55))
+    preds = reader.decode([Readings(slightly, even=True), Readings(slightly),
+                           Readings((scored(120, -0.5), scored(160, -0.55)), even=True)])
+    assert [(p.latex, p.reading) for p in preds] == [("160", 1), ("120", 0), ("120", 0)]
 
 
 def test_a_reading_that_fails_leaves_the_other_and_only_an_image_without_any_is_lost():

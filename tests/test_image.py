@@ -394,6 +394,27 @@ def test_a_small_soft_image_is_enlarged_without_breaking_its_strokes():
 
 
 @pytest.mark.skipif(not HAVE_TEX, reason="needs pdflatex and gs")
+def test_an_image_at_the_low_edge_of_the_window_is_also_read_resampled_and_judged_evenly():
+    """Shrunk to 0.8x, a render is estimated at 0.84-0.86, inside the pass-through window, and
+    was read a fifth small. It gets a second reading enlarged to about the render's size, and
+    the model judges the two evenly. The render itself has one reading."""
+    from data.degrade import rescale
+    from data.image import normalized_readings
+    from data.render import render_formulas
+
+    for formula, render in zip(SCALE_FORMULAS[:2], render_formulas(SCALE_FORMULAS[:2])):
+        small = rescale(render, 0.8)
+        readings = normalized_readings(small)
+        assert len(readings) == 2 and readings.even, formula
+        first, second = readings
+        assert np.array_equal(first, normalize_user_image(small))  # passed through, small
+        assert first.shape[1] < 0.85 * render.shape[1], formula
+        assert abs(np.log(second.shape[1] / render.shape[1])) < np.log(1.1), formula
+        once = normalized_readings(render)
+        assert len(once) == 1 and not once.even
+
+
+@pytest.mark.skipif(not HAVE_TEX, reason="needs pdflatex and gs")
 def test_a_small_image_whose_glyphs_merge_gets_a_second_reading_enlarged():
     """Shrunk to 0.6x, close glyphs share gray pixels that Otsu's mask counts as ink: the
     merged boxes look training-size and the image was passed through small. The midpoint mask
