@@ -45,15 +45,15 @@ _SOURCES = (str, Path, bytes, Image.Image, np.ndarray)
 # (data.image.read_user_readings: its glyph scale was ambiguous), the first the default.
 ModelInput = np.ndarray | tuple[np.ndarray, ...]
 # A later reading replaces the first only when the model reads it this much more surely, in
-# mean log-probability per token: on validation this margin kept every anti-aliased render
-# that the second reading rescues and none of the small screenshots that it would spoil
-# (docs/training.md, stage 4 of v2). Without a margin the model's taste for its favourite
-# scale picks the wrong reading of a genuinely small image about one time in five. The same
-# margin serves the reading of merged small glyphs (stage 5): the 4 it let through all read
-# better, and the wrong alternatives of anti-aliased renders came within 0.02 of it at most.
+# mean log-probability per token. Without a margin the model's taste for its favourite scale
+# picks the wrong reading: the stroke-broken reading of an anti-aliased render (the alternative
+# of _separated) is almost never right, yet comes within a few hundredths of the right one.
+# Set at 0.2 for v2.3-v2.4 (docs/training.md, stages 4-5 of v2); v2.9, trained on small images
+# since, reads the right alternatives more surely: 0.1 keeps most of the merged-glyph readings
+# of small images that 0.2 threw away, and no row of validation lost by it (stage 17).
 # Readings that the pixels favour evenly (data.image.Readings.even: an image at the low edge of
 # the pass-through window, also read resampled) need no margin: the surer wins (stage 17).
-SECOND_READING_MARGIN = 0.2
+SECOND_READING_MARGIN = 0.1
 
 
 class Backend(Protocol):
