@@ -31,8 +31,8 @@ from bench.robustness import DATA, STYLE_PREFIX, condition_file, render  # noqa:
 from data.conditions import CONDITIONS  # noqa: E402
 from data.image import (  # noqa: E402  (a what-if on normalization's internals)
     ImageError,
-    _in_training_range,
     _normalized,
+    _passed_through,
     _read_scale,
     load_image,
     model_input,
@@ -66,7 +66,7 @@ def readings(data: bytes) -> dict[float, np.ndarray]:
         first = _read_scale(load_image(data, "image"))
     except ImageError:
         return {}
-    resampled = not (_in_training_range(first.scale) and not first.hard)
+    resampled = not _passed_through(first)
     out = {}
     for f in FACTORS if resampled else (1.0,):
         try:

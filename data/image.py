@@ -90,9 +90,6 @@ class Readings(tuple):
         self.even = even
         return self
 
-    def __getnewargs__(self) -> tuple:  # pickled with its flag (a DataLoader worker's result)
-        return tuple(self), self.even
-
 
 def ink_bbox(img: np.ndarray, threshold: int = 255) -> tuple[int, int, int, int] | None:
     """(top, bottom, left, right), half-open, of the pixels darker than ``threshold``.
@@ -565,6 +562,12 @@ def _in_training_range(scale: float) -> bool:
     return TRAINING_SCALE_RANGE[0] <= scale <= TRAINING_SCALE_RANGE[1]
 
 
+def _passed_through(r: _Reading) -> bool:
+    """Is the reading's image only cropped and contrast-stretched, not resampled (_normalized)?
+    At the training scale, unless hard-edged or read resampled on purpose (_resampled)."""
+    return _in_training_range(r.scale) and not (r.hard or r.resampled)
+
+
 def _without_halo(img: np.ndarray, levels: tuple[float, float]
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float] | None:
     """(ink mask, component boxes, glyph boxes, scale) of a blurred image at the training scale,
@@ -705,10 +708,10 @@ def normalized_readings(img: np.ndarray, bucket: bool = False) -> Readings:
     it training scale (_separated), resampled where it sits at the window's low edge
     (_resampled, judged evenly). One or two images for the model to judge."""
     first = _read_scale(img)
-    second = _unbroken(first) or _separated(first)
-    even = second is None and (second := _resampled(first)) is not None
+    second = _unbroken(first) or _separated(first) or _resampled(first)
     readings = [first] if second is None else [first, second]
-    return Readings((_normalized(r, bucket) for r in readings), even)
+    return Readings((_normalized(r, bucket) for r in readings),
+                    even=second is not None and second.resampled)
 
 
 # Below this estimated scale an image inside the pass-through window also gets a resampled
@@ -723,8 +726,8 @@ _RESAMPLED_BELOW = 0.9
 def _resampled(first: _Reading) -> _Reading | None:
     """The first reading enlarged to the training scale where it would be passed through at
     the low edge of the window (below _RESAMPLED_BELOW), soft-edged; None otherwise."""
-    passed = _in_training_range(first.scale) and not first.hard
-    return replace(first, resampled=True) if passed and first.scale < _RESAMPLED_BELOW else None
+    low_edge = _passed_through(first) and first.scale < _RESAMPLED_BELOW
+    return replace(first, resampled=True) if low_edge else None
 
 
 # The ink share at which a pixel of the resampled image becomes black. In a soft image that
@@ -750,7 +753,7 @@ def _normalized(r: _Reading, bucket: bool = False, pad_px: int = 8, factor: int 
     top, left, bottom, right = _formula_extent(r.all_boxes, r.boxes, reach=1.5 * size_px)
     crop, ink = r.img[top:bottom, left:right], r.ink[top:bottom, left:right]
     paper, dark = _ink_levels(crop, ink)
-    if _in_training_range(r.scale) and not (r.hard or r.resampled):
+    if _passed_through(r):
         # Already at the training scale: only stretch paper to white and ink to black. The
         # resample-and-threshold round trip below moves edges by a pixel, and on renders that
         # cost the reference model 12 BLEU points. A hard-edged image takes the round trip
